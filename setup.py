@@ -1,0 +1,63 @@
+"""Build script for repa_e_fast.
+
+The top-level ``kernels/`` directory is installed as ``repa_e_fast.kernels`` (raw Triton
+kernels, no autograd). C++ sources in ``csrc/`` become the optional native extension
+``repa_e_fast._C``; set ``REPA_E_FAST_NO_NATIVE=1`` to skip compiling it (a pure-Python
+fallback is then used wherever the extension would be).
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+
+def native_extensions():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources or os.environ.get("REPA_E_FAST_NO_NATIVE", "0") == "1":
+        return [], {}
+    from pybind11.setup_helpers import Pybind11Extension, build_ext
+
+    extension = Pybind11Extension(
+        "repa_e_fast._C",
+        sources,
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    )
+    return [extension], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = native_extensions()
+
+packages = find_packages(include=["repa_e_fast", "repa_e_fast.*"]) + ["repa_e_fast.kernels"]
+
+setup(
+    name="repa_e_fast",
+    version="0.1.0",
+    description="High-performance REPA-E training engine: SiT + VAE trained end to end with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"repa_e_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=[
+        "torch>=2.3",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "safetensors",
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda120"],
+        "dali-cuda130": ["nvidia-dali-cuda130"],
+        "deepspeed": ["deepspeed"],
+        "flash": ["flash-attn"],
+        "xformers": ["xformers"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["repa-e-parity=repa_e_fast.parity:main"]},
+)
