@@ -1,0 +1,125 @@
+"""Reading weights from local files with clear errors (``.pt``, ``.pth``, ``.safetensors``).
+
+Nothing here downloads anything. Official training checkpoints are dicts with ``model``,
+``ema``, ``vae``, ``discriminator`` ... entries; ``load_state_dict_file(path, key="ema")``
+picks one. Wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile) are
+stripped.
+"""
+
+import os
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the file and every problem."""
+
+
+def strip_wrapper_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    cleaned = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    changed = True
+        cleaned[key] = value
+    return cleaned
+
+
+def load_state_dict_file(path: str, key: Optional[str] = None, map_location="cpu") -> Dict[str, torch.Tensor]:
+    """Read a state dict from ``path``. ``key`` selects an entry of a checkpoint dict
+    (e.g. "ema"); without it a dict of tensors is returned as is, and a dict with a single
+    conventional entry (``state_dict``, ``model``) is unwrapped."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"expected a checkpoint file, got a directory: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path, device=str(map_location))
+    else:
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - re-raised with the file named
+            if "weights_only" in str(error) or "Unsupported global" in str(error):
+                # Official training checkpoints pickle an argparse.Namespace under "args".
+                import argparse
+
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    state = torch.load(path, map_location=map_location, weights_only=True)
+            else:
+                raise CheckpointError(f"could not read checkpoint {path}: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict of tensors")
+    if key is not None:
+        if key not in state:
+            raise CheckpointError(f"{path} has no entry {key!r}; it has {sorted(state)}")
+        state = state[key]
+    elif not all(isinstance(v, torch.Tensor) for v in state.values()):
+        for conventional in ("state_dict", "model"):
+            if conventional in state and isinstance(state[conventional], dict):
+                state = state[conventional]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}{'[' + repr(key) + ']' if key else ''} is not a state dict of tensors")
+    return strip_wrapper_prefixes(state)
+
+
+def check_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], name: str) -> None:
+    """Raise CheckpointError listing missing keys, unexpected keys and shape mismatches."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint does not match {name}:"]
+
+        def listing(title, items):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+
+        listing("missing keys", missing)
+        listing("unexpected keys", unexpected)
+        listing("shape mismatches", mismatched)
+        raise CheckpointError("\n".join(lines))
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: Dict[str, torch.Tensor], name: str) -> None:
+    """Strict load that reports every problem at once (and loads nothing if any)."""
+    state_dict = strip_wrapper_prefixes(state_dict)
+    check_state_dict(module, state_dict, name)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def load_weights(module: nn.Module, path: str, key: Optional[str] = None, name: Optional[str] = None) -> nn.Module:
+    """``load_weights(vae, "pretrained/sdvae/sdvae-f8d4.pt")`` or
+    ``load_weights(sit, "checkpoints/0400000.pt", key="ema")``: strict, with clear errors."""
+    label = name or type(module).__name__
+    load_state_dict_strict(module, load_state_dict_file(path, key), f"{label} (from {path})")
+    return module
+
+
+def load_latents_stats(path: str) -> Dict[str, torch.Tensor]:
+    """Read ``<vae>-latents-stats.pt``: ``latents_scale`` and ``latents_bias`` [1, C, 1, 1]."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"latent statistics not found: {path} (published next to each VAE as '<vae name>-latents-stats.pt')"
+        )
+    stats = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("latents_scale", "latents_bias"):
+        if key not in stats:
+            raise CheckpointError(f"{path} has no {key!r} entry; it has {sorted(stats)}")
+    return {"latents_scale": stats["latents_scale"].float(), "latents_bias": stats["latents_bias"].float()}
