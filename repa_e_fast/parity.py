@@ -1,0 +1,357 @@
+"""Parity check against fixtures produced by the official REPA-E implementation.
+
+    python -m repa_e_fast.parity FILE.pt [FILE.pt ...]     (default: every fixture in
+                                                            ../shared/reference/fixtures)
+
+Each fixture is a ``torch.save``d dict with ``meta`` (``meta["fixture"]`` names its kind),
+``config``, state dict(s), ``inputs`` and ``outputs`` (format of ``shared/reference``). We
+rebuild the modules from ``config``, load the stored weights, replay the recorded
+computation with our implementation and print one line per compared quantity: max abs
+error, tolerance, PASS/FAIL. Exit status: 0 if everything passed, 1 if anything failed,
+2 if a file could not be checked at all (unreadable, unknown kind).
+
+Tolerances (fp32, CPU) follow the reference README §9: forward values ``1e-5 + 1e-4 *
+max|ref|`` (VAE decoder ``5e-5 + 1e-4 * max|ref|``), gradients ``2e-5 * max|ref| + 1e-5 * (largest |gradient| of the
+model)`` per tensor: the second term covers entries that are exactly zero in exact
+arithmetic and rounding noise in fp32 (attention k biases, convs feeding GroupNorm(32)
+with 32 channels; README §9).
+"""
+
+import argparse
+import copy
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+FORWARD_ATOL, FORWARD_RTOL = 1e-5, 1e-4
+DECODER_ATOL = 5e-5
+GRAD_RTOL = 2e-5
+GRAD_GLOBAL_RTOL = 1e-5
+
+
+@dataclass
+class Result:
+    name: str
+    error: float
+    tolerance: float
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.tolerance  # NaN compares False: a NaN never passes
+
+    def line(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        note = f"  ({self.note})" if self.note else ""
+        return f"{status}  {self.name:<72} max_abs_err={self.error:.3e}  tol={self.tolerance:.3e}{note}"
+
+
+class Comparator:
+    """Collects comparisons of our tensors with the fixture's."""
+
+    def __init__(self, prefix: str, verbose: bool = False):
+        self.prefix = prefix
+        self.verbose = verbose
+        self.results: List[Result] = []
+
+    def _error(self, ours, reference) -> float:
+        ours = torch.as_tensor(ours).detach().double().cpu()
+        reference = torch.as_tensor(reference).detach().double().cpu()
+        if ours.shape != reference.shape:
+            raise ValueError(f"shape {tuple(ours.shape)} vs fixture {tuple(reference.shape)}")
+        if ours.numel() == 0:
+            return 0.0
+        return (ours - reference).abs().max().item()
+
+    def add(self, name: str, ours, reference, atol: float = FORWARD_ATOL, rtol: float = FORWARD_RTOL) -> None:
+        full = f"{self.prefix}/{name}"
+        try:
+            error = self._error(ours, reference)
+        except (ValueError, RuntimeError) as problem:
+            self.results.append(Result(full, math.inf, 0.0, str(problem)))
+            return
+        scale = torch.as_tensor(reference).detach().double().abs().max().item() if torch.as_tensor(reference).numel() else 0
+        self.results.append(Result(full, error, atol + rtol * scale))
+
+    def add_exact(self, name: str, ours, reference) -> None:
+        self.add(name, ours, reference, atol=0.0, rtol=0.0)
+
+    def add_list(self, name: str, ours: Sequence, reference: Sequence, **tol) -> None:
+        if len(ours) != len(reference):
+            self.results.append(Result(f"{self.prefix}/{name}", math.inf, 0.0, f"{len(ours)} vs {len(reference)} tensors"))
+            return
+        for index, (a, b) in enumerate(zip(ours, reference)):
+            self.add(f"{name}[{index}]", a, b, **tol)
+
+    def add_grads(self, name: str, ours: Dict[str, Optional[torch.Tensor]], reference: Dict[str, torch.Tensor]) -> None:
+        """One line for a whole gradient dict (its worst tensor) unless verbose."""
+        full = f"{self.prefix}/{name}"
+        missing = sorted(set(reference) - set(ours))
+        extra = sorted(set(ours) - set(reference))
+        if missing or extra:
+            self.results.append(Result(full, math.inf, 0.0, f"missing {missing[:5]} unexpected {extra[:5]}"))
+            return
+        global_scale = max((g.abs().max().item() for g in reference.values() if g.numel()), default=0.0)
+        rows = []
+        for key, ref in reference.items():
+            grad = ours[key]
+            if grad is None:
+                rows.append(Result(f"{full}/{key}", math.inf, 0.0, "no gradient"))
+                continue
+            scale = ref.abs().max().item() if ref.numel() else 0.0
+            tolerance = GRAD_RTOL * scale + GRAD_GLOBAL_RTOL * global_scale
+            try:
+                rows.append(Result(f"{full}/{key}", self._error(grad, ref), tolerance))
+            except (ValueError, RuntimeError) as problem:
+                rows.append(Result(f"{full}/{key}", math.inf, 0.0, str(problem)))
+        if self.verbose:
+            self.results.extend(rows)
+            return
+        worst = max(rows, key=lambda r: (not r.passed, r.error / r.tolerance if r.tolerance else math.inf))
+        failed = sum(not r.passed for r in rows)
+        note = f"{len(rows)} tensors, worst {worst.name.rsplit('/', 1)[-1]}" + (f", {failed} FAILED" if failed else "")
+        self.results.append(Result(full, worst.error, worst.tolerance, note))
+
+
+def _grads(module: torch.nn.Module) -> Dict[str, Optional[torch.Tensor]]:
+    return {name: p.grad for name, p in module.named_parameters()}
+
+
+# ----------------------------------------------------------------------------------------
+# sit_forward
+# ----------------------------------------------------------------------------------------
+def check_sit_forward(data: dict, out: Comparator) -> None:
+    from .models.sit import SiT, sincos_pos_embed_2d, timestep_frequency_embedding
+
+    config, inputs, outputs = data["config"], data["inputs"], data["outputs"]
+    base = SiT(**config["kwargs"])
+    base.load_state_dict(data["state_dict"], strict=True)
+    proj_coeff = config.get("proj_coeff_for_grads", 0.5)
+
+    for name, record in outputs.get("records", {}).items():
+        flags = {**config.get("records", {}).get(name, {}), **{k: record[k] for k in ("mode", "path_type", "align_only") if k in record}}
+        model = copy.deepcopy(base)
+        model.train(flags["mode"] == "train")
+        model.y_embedder.dropout_prob = record.get("label_dropout_prob_used", 0.0)
+        align_only = flags.get("align_only", False)
+        model.requires_grad_(not align_only)  # pos_embed included (R7)
+        x = inputs["x"].clone().requires_grad_(True)
+        result = model(
+            x, inputs["y"], inputs["zs"], path_type=flags["path_type"], weighting=flags.get("weighting", "uniform"),
+            align_only=align_only, time_input=inputs["time_input"], noises=inputs["noises"],
+        )
+        loss = result["proj_loss"] if align_only else result["denoising_loss"].mean() + proj_coeff * result["proj_loss"]
+        loss.backward()
+        _compare_sit_outputs(out, f"records/{name}", model, result, record)
+        out.add(f"records/{name}/loss", loss, record["loss"])
+        out.add(f"records/{name}/grad_x", x.grad, record["grad_x"])
+        if record.get("grads") is not None:
+            out.add_grads(f"records/{name}/grads", _grads(model), record["grads"])
+
+    for name, record in outputs.get("sampled_records", {}).items():
+        flags = {**config.get("sampled_records", {}).get(name, {}), **record}
+        model = copy.deepcopy(base)
+        model.train(flags["mode"] == "train")
+        model.y_embedder.dropout_prob = flags.get("label_dropout_prob_used", model.y_embedder.dropout_prob)
+        seen_labels = []
+        hook = model.y_embedder.embedding_table.register_forward_pre_hook(lambda _m, args: seen_labels.append(args[0]))
+        torch.manual_seed(flags["seed"])
+        with torch.no_grad():
+            result = model(inputs["x"], inputs["y"], inputs["zs"], path_type=flags["path_type"],
+                           weighting=flags.get("weighting", "uniform"), align_only=flags.get("align_only", False))
+        hook.remove()
+        _compare_sit_outputs(out, f"sampled_records/{name}", model, result, record)
+        if "effective_labels" in record:
+            out.add_exact(f"sampled_records/{name}/effective_labels", seen_labels[0], record["effective_labels"])
+
+    if "inference" in outputs:
+        model = copy.deepcopy(base).eval()
+        with torch.no_grad():
+            velocity = model.inference(inputs["inference"]["x"], inputs["inference"]["t"], inputs["inference"]["y"])
+        out.add("inference", velocity, outputs["inference"])
+
+    aux = outputs.get("aux", {})
+    if "timestep_frequency_embedding_256" in aux:
+        out.add("aux/timestep_frequency_embedding_256",
+                timestep_frequency_embedding(aux["timestep_t"], 256), aux["timestep_frequency_embedding_256"])
+    for key, table in aux.items():
+        if key.startswith("sincos_pos_embed"):
+            grid, dim = math.isqrt(table.shape[0]), table.shape[1]
+            out.add(f"aux/{key}", sincos_pos_embed_2d(dim, grid).float(), table)
+
+
+def _compare_sit_outputs(out: Comparator, name: str, model, result: dict, record: dict) -> None:
+    if record.get("model_output") is not None and result["model_output"] is not None:
+        out.add(f"{name}/model_output", result["model_output"], record["model_output"])
+    if record.get("denoising_loss") is not None:
+        out.add(f"{name}/denoising_loss", result["denoising_loss"], record["denoising_loss"])
+    elif result["denoising_loss"] is not None:
+        out.results.append(Result(f"{out.prefix}/{name}/denoising_loss", math.inf, 0.0, "fixture has none, we computed one"))
+    out.add(f"{name}/proj_loss", result["proj_loss"], record["proj_loss"])
+    out.add_list(f"{name}/zs_tilde", result["zs_tilde"], record["zs_tilde"])
+    for key in ("time_input", "noises"):
+        if key in record:
+            out.add(f"{name}/{key}", result[key], record[key])
+    for key, value in record.get("bn_after", {}).items():
+        out.add(f"{name}/bn_after/{key}", getattr(model.bn, key), value)
+
+
+# ----------------------------------------------------------------------------------------
+# vae_forward
+# ----------------------------------------------------------------------------------------
+def build_vae_from_config(layout_config: dict):
+    from .models.vae import AutoencoderKL
+
+    return AutoencoderKL(
+        embed_dim=layout_config["embed_dim"],
+        ch_mult=tuple(layout_config["ch_mult"]),
+        ch=layout_config.get("ch", 128),
+        num_res_blocks=layout_config.get("num_res_blocks", 2),
+        attn_resolutions=tuple(layout_config.get("attn_resolutions", (16,))),
+        resolution=layout_config.get("resolution", 256),
+        dropout=layout_config.get("dropout", 0.0),
+        in_channels=layout_config.get("in_channels", 3),
+        out_ch=layout_config.get("out_ch", 3),
+        use_variational=layout_config.get("use_variational", True),
+    )
+
+
+def check_vae_forward(data: dict, out: Comparator) -> None:
+    from .models.vae import preprocess_images_for_vae
+
+    inputs = data["inputs"]
+    if "raw_uint8" in inputs:
+        out.add_exact("inputs/images", preprocess_images_for_vae(inputs["raw_uint8"]), inputs["images"])
+    for layout, layout_config in data["config"].items():
+        if layout not in data["outputs"]:
+            continue
+        record = data["outputs"][layout]
+        vae = build_vae_from_config(layout_config)
+        vae.load_state_dict(data["state_dict"][layout], strict=True)
+        vae.eval()
+        images = inputs["images"].clone().requires_grad_(True)
+        posterior = vae.encode(images)
+        decoded = vae.decode(posterior.mean).sample
+        kl = posterior.kl()
+        scalar = decoded.square().mean() + kl.mean() * 1e-3  # the fixture's definition
+        scalar.backward()
+        for key, ours in (("moments", posterior.parameters), ("mean", posterior.mean), ("logvar", posterior.logvar),
+                          ("std", posterior.std), ("var", posterior.var), ("kl", kl)):
+            if key in record:
+                out.add(f"{layout}/{key}", ours, record[key])
+        out.add(f"{layout}/decoded_mean", decoded, record["decoded_mean"], atol=DECODER_ATOL)
+        out.add(f"{layout}/scalar", scalar, record["scalar"])
+        out.add(f"{layout}/grad_images", images.grad, record["grad_images"],
+                atol=0.0, rtol=GRAD_RTOL * 10)
+        out.add_grads(f"{layout}/grads", _grads(vae), record["grads"])
+        sample = record.get("forward_sample")
+        if sample is not None:
+            torch.manual_seed(sample["seed"])
+            with torch.no_grad():
+                _, z, recon = vae(inputs["images"])
+            out.add(f"{layout}/forward_sample/z", z, sample["z"])
+            out.add(f"{layout}/forward_sample/eps", (z - posterior.mean.detach()) / posterior.std.detach(), sample["eps"], atol=1e-4)
+            out.add(f"{layout}/forward_sample/recon", recon, sample["recon"], atol=DECODER_ATOL)
+
+
+# ----------------------------------------------------------------------------------------
+# dinov2_encoder
+# ----------------------------------------------------------------------------------------
+def check_dinov2_encoder(data: dict, out: Comparator) -> None:
+    from .models.encoders import DinoVisionTransformer, load_dinov2_state_dict, parse_enc_type, preprocess_raw_image
+
+    config, inputs, outputs = data["config"], data["inputs"], data["outputs"]
+    kwargs = config["kwargs"]
+    resolution = config.get("resolution", 256)
+    spec = parse_enc_type(config.get("enc_type", "dinov2-vit-b"), resolution)[0]
+    patch = kwargs.get("patch_size", 14)
+    ffn = "swiglu" if "swiglu" in str(kwargs.get("ffn_layer", "mlp")) else "mlp"
+    if kwargs.get("mlp_ratio", 4) != 4:
+        raise ValueError(f"mlp_ratio {kwargs['mlp_ratio']} is not supported (DINOv2 uses 4)")
+    grid = 16 * (resolution // 256)
+    model = DinoVisionTransformer(kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"], ffn, patch,
+                                  kwargs.get("num_register_tokens", 0), grid)
+    load_dinov2_state_dict(model, data["raw_state_dict"], "fixture DINOv2")
+    model.eval()
+    out.add("resampled_pos_embed", model.pos_embed, outputs["resampled_pos_embed"])
+    if "state_dict" in data:
+        reference_state = data["state_dict"]
+        ours = model.state_dict()
+        for key, value in reference_state.items():
+            if key != "pos_embed" and key in ours:
+                out.add_exact(f"state_dict/{key}", ours[key], value)
+    preprocessed = preprocess_raw_image(inputs["raw_uint8"], spec.encoder_type, resolution)
+    out.add("preprocessed", preprocessed, outputs["preprocessed"])
+    with torch.no_grad():
+        features = model.forward_features(preprocessed)
+    for key in ("x_norm_patchtokens", "x_norm_clstoken", "x_norm_regtokens", "x_prenorm"):
+        if key in outputs:
+            out.add(key, features[key], outputs[key])
+
+
+CHECKERS: Dict[str, Callable[[dict, Comparator], None]] = {
+    "sit_forward": check_sit_forward,
+    "vae_forward": check_vae_forward,
+    "dinov2_encoder": check_dinov2_encoder,
+}
+
+
+def load_fixture(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_fixture(path_or_data, verbose: bool = False) -> List[Result]:
+    """Check one fixture (a path or an already loaded dict); returns every comparison."""
+    data = load_fixture(path_or_data) if isinstance(path_or_data, str) else path_or_data
+    kind = data.get("meta", {}).get("fixture")
+    if kind not in CHECKERS:
+        raise ValueError(f"unknown fixture kind {kind!r}; supported: {sorted(CHECKERS)}")
+    comparator = Comparator(kind, verbose)
+    with torch.random.fork_rng(devices=[]):
+        CHECKERS[kind](data, comparator)
+    return comparator.results
+
+
+def default_fixture_paths() -> List[str]:
+    here = os.path.join(os.getcwd(), "..", "shared", "reference", "fixtures")
+    folder = os.environ.get("REPA_E_FAST_FIXTURES", here)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pt"))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m repa_e_fast.parity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", help="fixture files (default: $REPA_E_FAST_FIXTURES or ../shared/reference/fixtures/*.pt)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the fixtures were made with 1)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="one line per gradient tensor")
+    args = parser.parse_args(argv)
+    files = args.files or default_fixture_paths()
+    if not files:
+        parser.error("no fixture files given and none found in ../shared/reference/fixtures")
+    torch.set_num_threads(args.threads)
+    status, passed, failed = 0, 0, 0
+    for path in files:
+        print(f"== {path}")
+        try:
+            results = run_fixture(path, args.verbose)
+        except Exception as problem:  # noqa: BLE001 - reported per file, the run goes on
+            print(f"ERROR {path}: {type(problem).__name__}: {problem}")
+            status = 2
+            continue
+        for result in results:
+            print(result.line())
+        passed += sum(r.passed for r in results)
+        failed += sum(not r.passed for r in results)
+    print(f"parity: {passed} passed, {failed} failed")
+    if failed and status == 0:
+        status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
