@@ -1,0 +1,53 @@
+"""Small helpers shared by the kernel launchers (allocation, block sizing)."""
+
+import math
+import os
+
+import torch
+
+POISON_ENV = "REPA_E_FAST_POISON"
+
+
+def poison_enabled() -> bool:
+    # Debug/test switch: fill every buffer a kernel is supposed to write with NaN, so an
+    # element the kernel forgets to write shows up as NaN instead of stale memory.
+    return os.environ.get(POISON_ENV, "0") == "1"
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    if poison_enabled():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def alloc_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Like ``torch.empty_like`` (keeps the memory format), NaN-filled when poisoning."""
+    dtype = dtype or x.dtype
+    if poison_enabled():
+        return torch.full_like(x, float("nan"), dtype=dtype)
+    return torch.empty_like(x, dtype=dtype)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a reduction should be split into to fill the machine."""
+    if device.type == "cuda":
+        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    # Interpreter: every program is a Python loop iteration, so fewer is faster.
+    return 4
+
+
+def split_rows(n_rows: int, n_groups: int, device: torch.device, max_tile: int = 64) -> int:
+    """Rows per program for a reduction over ``n_rows`` done for ``n_groups`` groups.
+
+    Picks a tile so that ``n_groups * cdiv(n_rows, tile)`` programs roughly fill the GPU.
+    """
+    want_tiles = max(1, math.ceil(target_programs(device) / max(n_groups, 1)))
+    return max(1, min(max_tile, cdiv(n_rows, want_tiles)))

@@ -1,0 +1,103 @@
+"""Choosing between the Triton kernels and the PyTorch reference, and input checks.
+
+Rule (DESIGN.md): Triton when the tensors are on CUDA, or when ``TRITON_INTERPRET=1``
+(Triton's CPU interpreter, so tests run the real kernels on CPU tensors); the PyTorch
+reference otherwise. ``REPA_E_FAST_OPS=torch`` forces the reference,
+``REPA_E_FAST_OPS=triton`` forces the kernels (an error where they cannot run).
+float64 inputs always take the reference (the kernels do fp32/bf16/fp16 I/O), unless
+triton is forced, which is then a TypeError.
+
+Triton is imported lazily, and only when a kernel is about to run, so
+``import repa_e_fast.ops`` works without it (macOS, CPU-only installs).
+"""
+
+import functools
+import importlib
+import os
+
+import torch
+
+OPS_ENV = "REPA_E_FAST_OPS"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+        return True
+    except Exception:  # ImportError, or a broken install that fails at import
+        return False
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def ops_mode() -> str:
+    mode = os.environ.get(OPS_ENV, "").strip().lower() or "auto"
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"{OPS_ENV}={mode!r}: expected 'torch', 'triton' or unset")
+    return mode
+
+
+def use_triton(op: str, *tensors: torch.Tensor) -> bool:
+    """True if ``op`` should run its Triton kernel on these (already validated) tensors."""
+    mode = ops_mode()
+    if mode == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors)
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: {OPS_ENV}=triton but triton is not installed")
+        if not (on_cuda or interpreter_enabled()):
+            raise RuntimeError(
+                f"{op}: {OPS_ENV}=triton needs CUDA tensors or TRITON_INTERPRET=1 "
+                f"(got tensors on {tensors[0].device}); unset {OPS_ENV} to use the PyTorch reference")
+        if not kernel_dtypes:
+            raise TypeError(f"{op}: the Triton kernels take float32/bfloat16/float16, got "
+                            f"{sorted({str(t.dtype) for t in tensors})}")
+        return True
+    return kernel_dtypes and triton_available() and (on_cuda or interpreter_enabled())
+
+
+def kernels(name: str):
+    """Import ``repa_e_fast.kernels.<name>`` (this is where triton gets imported)."""
+    return importlib.import_module(f"repa_e_fast.kernels.{name}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_tensor(op: str, name: str, t, ndim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_same_device(op: str, **tensors):
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got "
+                         + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+
+
+def rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """A [B, D] tensor the kernels can read: unit column stride (any row stride).
+
+    ``chunk``/slice views of the adaLN projection already qualify and are not copied;
+    anything else is copied by ``.contiguous()``.
+    """
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def promote(*tensors) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
