@@ -33,6 +33,15 @@ def strip_wrapper_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, tor
     return cleaned
 
 
+def _torch_load(path: str, map_location):
+    """weights_only load that also accepts official training checkpoints, which pickle an
+    argparse.Namespace under "args" (spec Q19)."""
+    import argparse
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_state_dict_file(path: str, key: Optional[str] = None, map_location="cpu") -> Dict[str, torch.Tensor]:
     """Read a state dict from ``path``. ``key`` selects an entry of a checkpoint dict
     (e.g. "ema"); without it a dict of tensors is returned as is, and a dict with a single
@@ -47,16 +56,9 @@ def load_state_dict_file(path: str, key: Optional[str] = None, map_location="cpu
         state = load_file(path, device=str(map_location))
     else:
         try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = _torch_load(path, map_location)
         except Exception as error:  # noqa: BLE001 - re-raised with the file named
-            if "weights_only" in str(error) or "Unsupported global" in str(error):
-                # Official training checkpoints pickle an argparse.Namespace under "args".
-                import argparse
-
-                with torch.serialization.safe_globals([argparse.Namespace]):
-                    state = torch.load(path, map_location=map_location, weights_only=True)
-            else:
-                raise CheckpointError(f"could not read checkpoint {path}: {error}") from error
+            raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict of tensors")
     if key is not None:
