@@ -27,7 +27,8 @@ namespace repa_records {
 
 namespace py = pybind11;
 
-class RecordStore {
+// Hidden visibility like the rest of the module: it holds pybind11 objects.
+class __attribute__((visibility("hidden"))) RecordStore {
  public:
   RecordStore(const std::string& path, int num_threads);
   ~RecordStore();

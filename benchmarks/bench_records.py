@@ -1,0 +1,210 @@
+"""Record store throughput on the CPU: native reader vs numpy.memmap + DataLoader.
+
+    python benchmarks/bench_records.py            # ~1-2 minutes, writes ~1.7 GB to /tmp
+    python benchmarks/bench_records.py --quick    # a few seconds, tiny files (smoke test)
+
+For each cached-latent layout (the [2C, h, w] mean+std record that cache_latents
+stores, spec section 9.2):
+  * SiT-XL/2 on SD-VAE f8d4 latents 4x32x32 -> record [8, 32, 32], fp32 and fp16;
+  * f16d32 latents 32x16x16 -> record [64, 16, 16], fp32;
+it measures samples/s at batch 256 for
+  * RecordReader, native backend, 1, 2, ... all threads (first epoch: includes mmap page
+    faults; second epoch: steady state), and the NumPy fallback backend;
+  * a baseline Dataset over numpy.memmap returning one record per __getitem__, default
+    collate, torch DataLoader with num_workers 0 and 2, shuffle=True;
+plus memory-copy bandwidth (one large NumPy copy) for the ceiling. Files live in /tmp
+and were just written, so the page cache is warm: this measures the CPU side only.
+Prints a table and writes JSON to benchmarks/results/records_cpu_<date>.json.
+"""
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from repa_e_fast.data import records as R
+from repa_e_fast.data.records import RecordReader, RecordWriter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def write_file(path, n, shape, dtype):
+    """n records with cheap deterministic content (no RNG cost), written in chunks."""
+    storage = np.dtype(dtype)
+    chunk = 1024
+    base = (np.arange(chunk * int(np.prod(shape))) % 251).astype(storage).reshape(chunk, *shape)
+    with RecordWriter(path, dtype, shape) as w:
+        for start in range(0, n, chunk):
+            k = min(chunk, n - start)
+            w.append(base[:k], np.arange(start, start + k) % 1000)
+
+
+class MemmapDataset(Dataset):
+    """The usual per-sample loader: one record (copied out of the memmap) per call."""
+
+    def __init__(self, path):
+        info = R.read_header(path)
+        self.x = np.memmap(path, dtype=info.storage_dtype, mode="r", offset=info.data_offset,
+                           shape=(info.count, *info.record_shape))
+        self.y = np.memmap(path, dtype="<i8", mode="r", offset=info.labels_offset, shape=(info.count,))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.x[i])), int(self.y[i])
+
+
+def time_batches(iterator, max_batches, max_seconds):
+    """samples/s over up to max_batches batches (stops early after max_seconds)."""
+    samples, batches = 0, 0
+    t0 = time.perf_counter()
+    for rec, _ in iterator:
+        samples += len(rec)
+        batches += 1
+        if batches >= max_batches or time.perf_counter() - t0 > max_seconds:
+            break
+    return samples / (time.perf_counter() - t0), samples
+
+
+def bench_reader(path, batch, backend, threads, max_seconds):
+    """(first-epoch samples/s, second-epoch samples/s) of RecordReader."""
+    with RecordReader(path, batch, backend=backend, num_threads=threads, seed=0,
+                      as_torch=True, prefetch=2) as r:
+        first, _ = time_batches(r, len(r), max_seconds)
+        r.set_epoch(1)
+        steady, n = time_batches(r, len(r), max_seconds)
+        return first, steady, n, r.backend
+
+
+def bench_dataloader(path, batch, workers, max_seconds):
+    ds = MemmapDataset(path)
+    g = torch.Generator().manual_seed(0)
+    dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                    generator=g, persistent_workers=False)
+    it = iter(dl)
+    next(it)  # worker start-up and first batch are not counted
+    rate, n = time_batches(it, len(dl) - 1, max_seconds)
+    del it
+    return rate, n
+
+
+def memcpy_bandwidth(nbytes):
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in first
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=20000, help="records per file (f16d32 fp32: 0.6x)")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=1.5, help="cap per measurement")
+    ap.add_argument("--dir", default="/tmp")
+    ap.add_argument("--quick", action="store_true", help="tiny files and times (smoke test)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/records_cpu_<date>.json)")
+    args = ap.parse_args()
+    if args.quick:
+        args.records, args.seconds = 2048, 0.2
+
+    ncores = cores()
+    thread_counts = sorted({1, 2, ncores})
+    configs = [
+        ("SiT-XL/2 f8d4 mean+std", (8, 32, 32), "float32", args.records),
+        ("SiT-XL/2 f8d4 mean+std", (8, 32, 32), "float16", args.records),
+        ("f16d32 mean+std", (64, 16, 16), "float32", int(args.records * 0.6)),
+    ]
+    print(f"repa_e_fast record store benchmark — {cpu_model()}, {ncores} cores, "
+          f"native available: {R.native_available()} ({R.native_unavailable_reason() or 'ok'})")
+    bw = memcpy_bandwidth(256 << 20 if not args.quick else 32 << 20)
+    print(f"memcpy bandwidth (np.copyto, 256 MiB, best of 3): {bw / 1e9:.2f} GB/s\n")
+
+    results = []
+    header = f"{'record':42s} {'loader':28s} {'samples/s':>11s} {'GB/s':>7s} {'vs DL w0':>9s} {'% memcpy':>9s}"
+    print(header)
+    print("-" * len(header))
+    for name, shape, dtype, n in configs:
+        path = os.path.join(args.dir, f"bench_records_{'x'.join(map(str, shape))}_{dtype}.rec")
+        write_file(path, n, shape, dtype)
+        rec_bytes = R.read_header(path).record_bytes
+        label = f"{name} {dtype} [{','.join(map(str, shape))}]"
+        rows = []
+        dl0, n0 = bench_dataloader(path, args.batch, 0, args.seconds)
+        rows.append(("DataLoader memmap, workers=0", dl0, None, n0, "baseline"))
+        dl2, n2 = bench_dataloader(path, args.batch, 2, args.seconds)
+        rows.append(("DataLoader memmap, workers=2", dl2, None, n2, "baseline"))
+        first, steady, nn, be = bench_reader(path, args.batch, "numpy", 1, args.seconds)
+        rows.append(("RecordReader numpy", steady, first, nn, be))
+        if R.native_available():
+            for t in thread_counts:
+                first, steady, nn, be = bench_reader(path, args.batch, "native", t, args.seconds)
+                rows.append((f"RecordReader native, {t} thr", steady, first, nn, be))
+        for loader, rate, first, nsamp, be in rows:
+            gbs = rate * rec_bytes / 1e9
+            print(f"{label:42s} {loader:28s} {rate:11,.0f} {gbs:7.2f} {rate / dl0:8.1f}x "
+                  f"{100 * gbs * 1e9 / bw:8.0f}%"
+                  + (f"   (1st epoch {first:,.0f}/s)" if first is not None else ""))
+            results.append({
+                "record": name, "shape": list(shape), "dtype": dtype, "record_bytes": rec_bytes,
+                "records_in_file": n, "batch_size": args.batch, "loader": loader, "backend": be,
+                "samples_per_s": rate, "first_epoch_samples_per_s": first, "gb_per_s": gbs,
+                "samples_timed": nsamp, "speedup_vs_dataloader_w0": rate / dl0,
+                "speedup_vs_dataloader_w2": rate / dl2, "fraction_of_memcpy": gbs * 1e9 / bw,
+            })
+        os.unlink(path)
+        print()
+
+    date = dt.date.today().isoformat()
+    out = args.out or os.path.join(HERE, "results", f"records_cpu_{date}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    meta = {
+        "benchmark": "record store (repa_e_fast.data.records)",
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "cores": ncores, "platform": platform.platform(),
+                    "python": platform.python_version(), "numpy": np.__version__,
+                    "torch": torch.__version__},
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "native_available": R.native_available(),
+        "native_unavailable_reason": R.native_unavailable_reason(),
+        "memcpy_gb_per_s": bw / 1e9,
+        "quick": args.quick,
+        "results": results,
+    }
+    with open(out, "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
