@@ -91,8 +91,10 @@ class _GatedResidualAdaLN(torch.autograd.Function):
         x_dtype, gate_dtype, shift_dtype = ctx.dtypes
         if dout is None and dy2 is None:
             return (None,) * 6
-        if dy2 is None:  # only the residual output was used: the LayerNorm branch has no gradient
-            dy2 = torch.zeros_like(out)
+        if dy2 is None:  # only the residual output was used: a plain gated-residual backward
+            dout = dout.contiguous()
+            dy, dgate = kernels("gated_residual").gated_residual_bwd(dout, y, gate, y.dtype)
+            return dout.to(x_dtype), dgate.to(gate_dtype), dy, None, None, None
         dx, dy, dgate, dshift, dscale = kernels("adaln").gated_residual_adaln_bwd(
             out, y, gate, scale, None if dout is None else dout.contiguous(), dy2.contiguous(), mean, rstd,
             x_dtype, y.dtype)
