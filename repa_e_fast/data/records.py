@@ -386,7 +386,10 @@ class RecordWriter:
     def __del__(self):
         # An unclosed writer is an unfinished file: never publish it implicitly.
         if not getattr(self, "_done", True):
-            self.abort()
+            try:
+                self.abort()
+            except Exception:  # interpreter shutdown: os/file objects may be gone
+                pass
 
     def _records_array(self, records) -> np.ndarray:
         what = f"record file '{self.path}': records"
