@@ -108,12 +108,16 @@ class Comparator:
                 rows.append(Result(f"{full}/{key}", self._error(grad, ref), tolerance))
             except (ValueError, RuntimeError) as problem:
                 rows.append(Result(f"{full}/{key}", math.inf, 0.0, str(problem)))
-        if self.verbose:
+        self.add_rows(full, rows)
+
+    def add_rows(self, full: str, rows: List[Result]) -> None:
+        """All rows when verbose, else one line: the worst row (by error / tolerance)."""
+        if self.verbose or not rows:
             self.results.extend(rows)
             return
         worst = max(rows, key=lambda r: (not r.passed, r.error / r.tolerance if r.tolerance else math.inf))
         failed = sum(not r.passed for r in rows)
-        note = f"{len(rows)} tensors, worst {worst.name.rsplit('/', 1)[-1]}" + (f", {failed} FAILED" if failed else "")
+        note = f"{len(rows)} tensors, worst {worst.name[len(full) + 1:]}" + (f", {failed} FAILED" if failed else "")
         self.results.append(Result(full, worst.error, worst.tolerance, note))
 
 
@@ -293,10 +297,218 @@ def check_dinov2_encoder(data: dict, out: Comparator) -> None:
             out.add(key, features[key], outputs[key])
 
 
+# ----------------------------------------------------------------------------------------
+# vae_loss
+# ----------------------------------------------------------------------------------------
+def _bn_after(module: torch.nn.Module, prefix: str, out: Comparator, reference: dict) -> None:
+    """Compare BatchNorm buffers; ``reference`` is {"main.3": {"running_mean": ...}, ...}
+    or flat {"main.3.running_mean": ...}."""
+    buffers = dict(module.named_buffers())
+    for layer, entry in reference.items():
+        items = entry.items() if isinstance(entry, dict) else [(None, entry)]
+        for key, value in items:
+            name = f"{layer}.{key}" if key is not None else layer
+            out.add(f"{prefix}/{name}", buffers[name], value)
+
+
+def build_vae_loss(loss_config: dict, state_dict: dict, extra: Optional[dict] = None):
+    from .losses.vae_loss import VAELossConfig, VAERegularizationLoss
+
+    module = VAERegularizationLoss(VAELossConfig.from_official(loss_config))
+    state = dict(state_dict)
+    state.update(extra or {})
+    own = module.state_dict()
+    for key in ("ema_real_logits_mean", "ema_fake_logits_mean", "logvar"):
+        if key in own and key not in state:
+            state[key] = own[key]  # never saved by the official trainer (checkpoint_format.json)
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def _generator_call(module, inputs: dict, record: dict, out: Comparator, prefix: str) -> None:
+    from .models.vae import DiagonalGaussianDistribution
+
+    recon = inputs["reconstructions"].clone().requires_grad_(True)
+    moments = inputs["moments"].clone().requires_grad_(True)
+    loss, loss_dict = module(inputs["inputs"], recon, DiagonalGaussianDistribution(moments), 0, "generator")
+    loss.backward()
+    out.add(f"{prefix}/total_loss", loss, record["total_loss"])
+    for key, value in record["loss_dict"].items():
+        out.add(f"{prefix}/loss_dict/{key}", loss_dict[key], value)
+    out.add(f"{prefix}/grad_reconstructions", recon.grad, record["grad_reconstructions"], atol=1e-8, rtol=1e-4)
+    out.add(f"{prefix}/grad_moments", moments.grad, record["grad_moments"], atol=1e-8, rtol=1e-4)
+    stray = [n for n, p in module.named_parameters() if p.grad is not None]
+    out.results.append(Result(f"{out.prefix}/{prefix}/no_param_grads", float(len(stray)), 0.0,
+                              f"parameters that received a gradient: {stray[:3]}" if stray else ""))
+    _bn_after(module.discriminator, f"{prefix}/disc_bn_after", out, record.get("disc_bn_after", {}))
+
+
+def _discriminator_call(module, real, fake, record: dict, out: Comparator, prefix: str) -> None:
+    loss, loss_dict = module(real, fake, None, 0, "discriminator")
+    out.add(f"{prefix}/total_loss", loss, record["total_loss"])
+    for key, value in record["loss_dict"].items():
+        out.add(f"{prefix}/loss_dict/{key}", loss_dict[key], value)
+    _bn_after(module.discriminator, f"{prefix}/disc_bn_after", out, record.get("disc_bn_after", {}))
+    for key in ("ema_real_logits_mean", "ema_fake_logits_mean"):
+        if f"{key}_after" in record:
+            out.add(f"{prefix}/{key}_after", getattr(module, key), record[f"{key}_after"])
+
+
+def check_vae_loss(data: dict, out: Comparator) -> None:
+    from .models.vae import preprocess_images_for_vae
+
+    config, inputs, outputs = data["config"], data["inputs"], data["outputs"]
+    for raw, images in (("raw_uint8", "inputs"), ("raw_uint8_2", "inputs2")):
+        if raw in inputs:
+            out.add_exact(f"inputs/{images}", preprocess_images_for_vae(inputs[raw]), inputs[images])
+    module = build_vae_loss(config["loss_config"], data["state_dict"])
+    if "generator" in outputs:
+        _generator_call(module, inputs, outputs["generator"], out, "generator")
+    if "discriminator" in outputs:  # same module object: BN stats continue from the generator call
+        _discriminator_call(module, inputs["inputs"], inputs["reconstructions"], outputs["discriminator"], out,
+                            "discriminator")
+    if "lecam" in outputs:
+        module = build_vae_loss(config["lecam_loss_config"], data["state_dict"], data.get("lecam_state_dict_extra"))
+        pairs = [("inputs", "reconstructions"), ("inputs2", "reconstructions2")]
+        for index, record in enumerate(outputs["lecam"]["calls"]):
+            real, fake = pairs[index % 2]
+            _discriminator_call(module, inputs[real], inputs[fake], record, out, f"lecam/calls[{index}]")
+    if "logvar_variant" in outputs:
+        module = build_vae_loss(config["logvar_loss_config"], data["state_dict"], data.get("logvar_state_dict_extra"))
+        _generator_call(module, inputs, outputs["logvar_variant"]["generator"], out, "logvar_variant/generator")
+
+
+# ----------------------------------------------------------------------------------------
+# e2e_step
+# ----------------------------------------------------------------------------------------
+def build_e2e_step(data: dict):
+    """Modules, optimizers and step exactly as the fixture's config describes them."""
+    from .engine.backends import SingleProcessBackend, build_adamw
+    from .engine.step import REPAEStep, StepConfig
+    from .models.sit import SiT
+
+    config, states = data["config"], data["state_dicts"]
+    hp = config["hparams"]
+    sit, ema = SiT(**config["sit"]["kwargs"]), SiT(**config["sit"]["kwargs"])
+    sit.load_state_dict(states["sit"], strict=True)
+    ema.load_state_dict(states["ema"], strict=True)
+    ema.requires_grad_(False)
+    if "disabled" in str(config.get("label_dropout", "")):
+        sit.y_embedder.dropout_prob = 0.0
+    vae = build_vae_from_config(config["vae"])
+    vae.load_state_dict(states["vae"], strict=True)
+    loss_config = config["loss_config"]
+    if "lecam_regularization_weight" in hp:
+        loss_config = {**loss_config, "losses": {**loss_config["losses"],
+                                                 "lecam_regularization_weight": hp["lecam_regularization_weight"]}}
+    loss_fn = build_vae_loss(loss_config, states["loss_module"])
+    adam = dict(betas=(hp["adam_beta1"], hp["adam_beta2"]), eps=hp["adam_epsilon"], weight_decay=hp["adam_weight_decay"])
+    optimizers = {"sit": build_adamw(sit, hp["learning_rate"], **adam),
+                  "vae": build_adamw(vae, hp["vae_learning_rate"], **adam),
+                  "disc": build_adamw(loss_fn, hp["disc_learning_rate"], **adam)}
+    backend = SingleProcessBackend({"sit": sit, "vae": vae, "disc": loss_fn}, optimizers, precision="fp32")
+    step_config = StepConfig(path_type=hp["path_type"], weighting=hp["weighting"], proj_coeff=hp["proj_coeff"],
+                             vae_align_proj_coeff=hp["vae_align_proj_coeff"], max_grad_norm=hp["max_grad_norm"],
+                             ema_decay=hp["ema_decay"], align_pass_final_layer=True)
+    if hp.get("prediction", "v") != "v":
+        raise ValueError(f"prediction {hp['prediction']!r} is not supported (REPA-E uses v-prediction)")
+    return REPAEStep(backend, ema, step_config), (sit, ema, vae, loss_fn, optimizers)
+
+
+def check_e2e_step(data: dict, out: Comparator) -> None:
+    config, inputs, outputs = data["config"], data["inputs"], data["outputs"]
+    step, (sit, ema, vae, loss_fn, optimizers) = build_e2e_step(data)
+    lr = config["hparams"]["learning_rate"]
+    torch.manual_seed(config["rng_seed"])
+    logs = step(inputs["raw_image"], inputs["labels"], inputs.get("global_step", 0), zs=inputs["zs"],
+                time_input=inputs.get("explicit_time_input"), noises=inputs.get("explicit_noises"),
+                keep_intermediate=True)
+    inter = logs.pop("intermediate")
+
+    for key, value in outputs["logs"].items():
+        out.add(f"logs/{key}", logs[key], value)
+    ref = outputs["intermediate"]
+    decoder_keys = {"recon_image", "vae_loss_grad_wrt_recon_image"}
+    for key in ("processed_image", "moments", "z", "recon_image", "time_input", "noises", "vae_generator_loss",
+                "vae_loss_total", "d_loss", "sit_loss"):
+        if key in ref:
+            out.add(f"intermediate/{key}", inter[key], ref[key], atol=DECODER_ATOL if key in decoder_keys else FORWARD_ATOL)
+    if "posterior_eps" in ref:
+        moments = inter["moments"]
+        mean, logvar = moments.chunk(2, dim=1)
+        eps = (inter["z"] - mean) / torch.exp(0.5 * logvar.clamp(-30, 20))
+        out.add("intermediate/posterior_eps", eps, ref["posterior_eps"], atol=1e-4)
+    for key in ("vae_loss_grad_wrt_moments", "vae_loss_grad_wrt_z", "vae_loss_grad_wrt_recon_image"):
+        if key in ref:
+            out.add(f"intermediate/{key}", inter[key], ref[key], atol=1e-8, rtol=GRAD_RTOL * 10)
+    for key in ("vae_loss_dict", "d_loss_dict"):
+        for name, value in ref.get(key, {}).items():
+            out.add(f"intermediate/{key}/{name}", inter[key][name], value)
+    for key in ("vae_align", "sit"):
+        for name, value in ref.get(key, {}).items():
+            if value is None or name in ("time_input", "noises"):
+                continue
+            ours = inter[key][name]
+            if isinstance(value, (list, tuple)):
+                out.add_list(f"intermediate/{key}/{name}", ours, value)
+            elif torch.is_tensor(value):
+                out.add(f"intermediate/{key}/{name}", ours, value)
+    for key in ("vae_grads_before_clip", "sit_grads_before_clip"):
+        if key in ref:
+            out.add_grads(f"intermediate/{key}", inter[key], ref[key])
+    for key in ("grad_norm_vae", "grad_norm_disc", "grad_norm_sit"):
+        if key in ref:
+            out.add(f"intermediate/{key}", logs[key], ref[key])
+
+    # After the step: parameters moved by ~lr * sign(g) (R9), so updates of entries whose
+    # gradient is rounding noise may differ by up to ~2 lr; gradients were compared above.
+    after = outputs.get("state_dicts_after", {})
+    state_atol = 2.5 * lr
+    for name, module in (("sit", sit), ("ema", ema), ("vae", vae), ("discriminator", loss_fn.discriminator)):
+        if name not in after:
+            continue
+        ours, parameters = module.state_dict(), dict(module.named_parameters())
+        full = f"{out.prefix}/state_dicts_after/{name}"
+        rows = []
+        for key, value in after[name].items():
+            atol = state_atol if key in parameters and name != "ema" else FORWARD_ATOL
+            tolerance = atol + FORWARD_RTOL * value.abs().max().item()
+            error = out._error(ours[key], value) if key in ours else math.inf
+            rows.append(Result(f"{full}/{key}", error, tolerance))
+        out.add_rows(full, rows)
+    for key, value in after.get("loss_module_lecam_buffers", {}).items():
+        out.add(f"state_dicts_after/loss_module_lecam_buffers/{key}", getattr(loss_fn, key), value)
+    for prefix, module in (("sit_bn_after", sit), ("ema_bn_after", ema)):
+        for key, value in outputs.get(prefix, {}).items():
+            out.add(f"{prefix}/{key}", getattr(module.bn, key), value)
+    reference_opt = outputs.get("sit_optimizer_state_after")
+    if reference_opt is not None:
+        if "state" in reference_opt:  # a full optimizer state dict, or just its "state"
+            reference_opt = reference_opt["state"]
+        ours = optimizers["sit"].state_dict()["state"]
+        names = [n for n, _ in sit.named_parameters()]
+        full = f"{out.prefix}/sit_optimizer_state_after"
+        rows = []
+        for index, entry in reference_opt.items():
+            for key, value in entry.items():
+                mine = ours.get(int(index), {}).get(key)
+                label = f"{full}/{names[int(index)]}/{key}"
+                if mine is None:
+                    rows.append(Result(label, math.inf, 0.0, "no optimizer state"))
+                else:
+                    rows.append(Result(label, out._error(mine, value), 1e-9 + 1e-4 * value.abs().max().item()))
+        extra = sorted(set(ours) - {int(i) for i in reference_opt})
+        if extra:
+            rows.append(Result(f"{full}/unexpected_state", math.inf, 0.0, f"state for parameters {extra[:5]}"))
+        out.add_rows(full, rows)
+
+
 CHECKERS: Dict[str, Callable[[dict, Comparator], None]] = {
     "sit_forward": check_sit_forward,
     "vae_forward": check_vae_forward,
     "dinov2_encoder": check_dinov2_encoder,
+    "vae_loss": check_vae_loss,
+    "e2e_step": check_e2e_step,
 }
 
 

@@ -1,0 +1,23 @@
+"""Exponential moving average of the SiT (spec §2.3, R6, Q10)."""
+
+import torch
+import torch.nn as nn
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.9999, float_buffers: bool = True) -> None:
+    """ema = ema * decay + model * (1 - decay) for every parameter and, with
+    ``float_buffers``, every floating-point buffer (the latent BN's running mean/var, as
+    REPA-E does); other buffers (``num_batches_tracked``) are copied. ``decay=0`` makes an
+    exact copy. Wrapper prefixes (DDP ``module.``, ``_orig_mod.``) must be removed by the
+    caller: pass the unwrapped modules."""
+    model_params = dict(model.named_parameters())
+    for name, ema_param in ema.named_parameters():
+        ema_param.mul_(decay).add_(model_params[name].detach().to(ema_param.dtype), alpha=1 - decay)
+    model_buffers = dict(model.named_buffers())
+    for name, ema_buffer in ema.named_buffers():
+        source = model_buffers[name].detach()
+        if float_buffers and ema_buffer.is_floating_point():
+            ema_buffer.mul_(decay).add_(source.to(ema_buffer.dtype), alpha=1 - decay)
+        else:
+            ema_buffer.copy_(source)
