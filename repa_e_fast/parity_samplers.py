@@ -24,9 +24,10 @@ from . import sampling
 if TYPE_CHECKING:  # parity.py imports this module lazily: no runtime import at module level
     from .parity import Comparator
 
-SAMPLERS = {
-    "euler_sampler": (sampling.euler_sampler, {"num_steps", "heun", "cfg_scale", "guidance_low", "guidance_high", "path_type"}),
-    "euler_maruyama_sampler": (sampling.euler_maruyama_sampler, {"num_steps", "cfg_scale", "guidance_low", "guidance_high", "path_type"}),
+_COMMON_KWARGS = {"num_steps", "cfg_scale", "guidance_low", "guidance_high", "path_type"}
+SAMPLERS = {  # official function name -> (our sampler, the official kwargs it honours)
+    "euler_sampler": (sampling.euler_sampler, _COMMON_KWARGS | {"heun"}),
+    "euler_maruyama_sampler": (sampling.euler_maruyama_sampler, _COMMON_KWARGS),
 }
 TIME_ATOL = 1e-7  # one float32 ulp below t = 1 is 6e-8
 

@@ -19,6 +19,7 @@ Use ``denormalize_latents`` on the result before decoding with the VAE.
 """
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -46,7 +47,7 @@ def _validate(model, latents, y, num_steps, cfg_scale, guidance_low, guidance_hi
     if getattr(model, "training", False):
         raise RuntimeError(
             "the model is in training mode: call model.eval() before sampling "
-            "(label dropout and BatchNorm depend on the module mode)"
+            "(label dropout depends on the module mode: a training-mode SiT would drop labels at random)"
         )
     if not hasattr(model, "inference"):
         raise TypeError("model must have an inference(x, t, y) method returning the velocity")
@@ -57,7 +58,7 @@ def _validate(model, latents, y, num_steps, cfg_scale, guidance_low, guidance_hi
     if not torch.is_tensor(y) or y.dim() != 1 or y.shape[0] != latents.shape[0] or y.is_floating_point():
         raise ValueError(f"y must be an integer tensor [N] with N = latents.shape[0] = {latents.shape[0]}")
     for name, value in (("cfg_scale", cfg_scale), ("guidance_low", guidance_low), ("guidance_high", guidance_high)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if cfg_scale < 1:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
@@ -72,6 +73,8 @@ def _validate(model, latents, y, num_steps, cfg_scale, guidance_low, guidance_hi
         if not hasattr(model, "num_classes"):
             raise ValueError("cfg_scale > 1 needs a null label: pass null_label or give the model num_classes")
         null_label = int(model.num_classes)
+    if isinstance(null_label, bool) or not isinstance(null_label, numbers.Integral):
+        raise ValueError(f"null_label must be an integer class index, got {null_label!r}")
     # A SiT trained without label dropout has no null row: guidance would index past the table.
     table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
     if table is not None and not 0 <= null_label < table.num_embeddings:

@@ -324,6 +324,8 @@ def test_training_mode_and_bad_inputs_are_rejected(sampler):
         sampler(model, noise(), torch.tensor([0.0, 1.0]))
     with pytest.raises(TypeError, match="latents"):
         sampler(model, noise().long(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="null_label"):
+        sampler(model, noise(), torch.tensor([0, 1]), cfg_scale=2.0, null_label=1.5)
     assert model.calls == []
 
 
