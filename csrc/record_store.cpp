@@ -60,36 +60,45 @@ RecordStore::RecordStore(const std::string& path, int num_threads) : path_(path)
   }
   base_ = static_cast<const unsigned char*>(p);
   map_size_ = size;
+  owner_pid_ = ::getpid();
   workers_.reserve(num_threads);
   for (int i = 0; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+void RecordStore::stop_workers() {
+  if (::getpid() != owner_pid_) {
+    // Forked child: the worker threads exist only in the parent. Joining them here is
+    // undefined and destroying joinable std::thread objects aborts, so leak the handles.
+    new std::vector<std::thread>(std::move(workers_));
+    workers_.clear();
+    sync_.release();  // leaked on purpose, see record_store.h
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lk(sync_->mu);
+    stop_ = true;  // workers drain the queue first, then exit
+  }
+  sync_->work.notify_all();
+  for (auto& t : workers_) t.join();
+  workers_.clear();
 }
 
 RecordStore::~RecordStore() {
   // Called from Python's dealloc with the GIL held; the workers never take the GIL,
   // so joining them here cannot deadlock.
   if (base_ == nullptr) return;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    stop_ = true;
-  }
-  work_cv_.notify_all();
-  for (auto& t : workers_) t.join();
+  stop_workers();
   ::munmap(const_cast<unsigned char*>(base_), map_size_);
   ::close(fd_);
 }
 
 void RecordStore::close() {
   if (base_ == nullptr) return;
+  if (::getpid() != owner_pid_) return;  // forked child: leave everything to the parent
   {
     py::gil_scoped_release release;
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;  // workers drain the queue first, then exit
-    }
-    work_cv_.notify_all();
-    for (auto& t : workers_) t.join();
+    stop_workers();
   }
-  workers_.clear();
   ::munmap(const_cast<unsigned char*>(base_), map_size_);
   ::close(fd_);
   base_ = nullptr;
@@ -100,12 +109,16 @@ void RecordStore::close() {
 
 void RecordStore::check_open() const {
   if (base_ == nullptr) throw py::value_error(where() + "store is closed");
+  if (::getpid() != owner_pid_)
+    throw std::runtime_error(where() +
+                             "reader was opened in another process (fork); open it in the "
+                             "process that reads, e.g. inside the DataLoader worker");
 }
 
 void RecordStore::worker_loop() {
-  std::unique_lock<std::mutex> lk(mu_);
+  std::unique_lock<std::mutex> lk(sync_->mu);
   for (;;) {
-    work_cv_.wait(lk, [this] { return stop_ || !tasks_.empty(); });
+    sync_->work.wait(lk, [this] { return stop_ || !tasks_.empty(); });
     if (tasks_.empty()) return;  // stop_ set and nothing left to do
     Task t = std::move(tasks_.front());
     tasks_.pop_front();
@@ -114,7 +127,7 @@ void RecordStore::worker_loop() {
     lk.lock();
     if (--t.job->tasks_left == 0) {
       t.job->done = true;
-      done_cv_.notify_all();
+      sync_->done.notify_all();
     }
   }
 }
@@ -181,7 +194,7 @@ int64_t RecordStore::submit(const py::array_t<int64_t, py::array::c_style>& indi
   const size_t chunks = std::min(n, workers_.size());
   const int64_t ticket = next_ticket_++;
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    std::lock_guard<std::mutex> lk(sync_->mu);
     job->tasks_left = chunks;
     job->done = (chunks == 0);
     for (size_t c = 0; c < chunks; ++c)
@@ -189,14 +202,15 @@ int64_t RecordStore::submit(const py::array_t<int64_t, py::array::c_style>& indi
     jobs_[ticket] = job;
   }
   keep_alive_[ticket] = {out, labels_out};
-  work_cv_.notify_all();
+  sync_->work.notify_all();
   return ticket;
 }
 
 void RecordStore::wait(int64_t ticket) {
+  check_open();
   std::shared_ptr<Job> job;
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    std::lock_guard<std::mutex> lk(sync_->mu);
     auto it = jobs_.find(ticket);
     if (it == jobs_.end())
       throw py::value_error(where() + "unknown or already collected ticket " +
@@ -205,15 +219,15 @@ void RecordStore::wait(int64_t ticket) {
   }
   {
     py::gil_scoped_release release;
-    std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [&] { return job->done; });
+    std::unique_lock<std::mutex> lk(sync_->mu);
+    sync_->done.wait(lk, [&] { return job->done; });
     jobs_.erase(ticket);
   }
   keep_alive_.erase(ticket);  // GIL held again: safe to drop the buffer references
 }
 
 size_t RecordStore::pending() const {
-  std::lock_guard<std::mutex> lk(mu_);
+  std::lock_guard<std::mutex> lk(sync_->mu);
   return jobs_.size();
 }
 

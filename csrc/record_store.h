@@ -7,6 +7,8 @@
 // few submitted jobs are the prefetch queue.
 #pragma once
 
+#include <sys/types.h>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -65,17 +67,24 @@ class __attribute__((visibility("hidden"))) RecordStore {
   void worker_loop();
   void run_task(const Task& t) const;
   void check_open() const;
+  void stop_workers();
   std::string where() const { return "record file '" + path_ + "': "; }
 
   std::string path_;
   Header header_;
   int fd_ = -1;
+  pid_t owner_pid_ = 0;  // threads do not survive fork(): a child must not use them
   const unsigned char* base_ = nullptr;
   size_t map_size_ = 0;
 
-  mutable std::mutex mu_;
-  std::condition_variable work_cv_;
-  std::condition_variable done_cv_;
+  // On the heap so that a forked child can leak them: glibc's condition-variable
+  // destructor waits for the parent's (absent) waiting threads and would hang.
+  struct Sync {
+    std::mutex mu;
+    std::condition_variable work;
+    std::condition_variable done;
+  };
+  std::unique_ptr<Sync> sync_ = std::make_unique<Sync>();
   std::deque<Task> tasks_;
   bool stop_ = false;
   std::vector<std::thread> workers_;

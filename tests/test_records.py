@@ -558,3 +558,28 @@ def test_writer_crash_leaves_previous_file_intact(tmp_path):
     with RecordReader(path, 5, shuffle=False, backend="numpy") as r:
         assert r.verify()
         assert np.array_equal(np.concatenate([a for a, _ in all_batches(r)]), x)
+
+
+@needs_native
+def test_native_reader_refuses_use_after_fork(tmp_path):
+    path = tmp_path / "fork.rec"
+    make_file(path, n=64, shape=(2,), dtype="float32")
+    r = RecordReader(path, 8, backend="native", num_threads=2)
+    next(iter(r))  # threads started, batches queued
+    pid = os.fork()
+    if pid == 0:  # child: the worker threads do not exist here
+        code = 1
+        try:
+            next(iter(r))
+        except RuntimeError as exc:
+            code = 0 if "another process" in str(exc) else 2
+        except BaseException:
+            code = 3
+        try:
+            del r  # must neither hang nor abort
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert len(next(iter(r))[0]) == 8  # the parent is unaffected
+    r.close()
