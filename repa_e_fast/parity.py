@@ -509,7 +509,14 @@ CHECKERS: Dict[str, Callable[[dict, Comparator], None]] = {
     "dinov2_encoder": check_dinov2_encoder,
     "vae_loss": check_vae_loss,
     "e2e_step": check_e2e_step,
+    "samplers": lambda data, out: _samplers_checker()(data, out),
 }
+
+
+def _samplers_checker():
+    from .parity_samplers import check_samplers  # imports parity's Comparator itself
+
+    return check_samplers
 
 
 def load_fixture(path: str) -> dict:

@@ -9,7 +9,7 @@ from repa_e_fast import parity
 
 from _paths import fixture
 
-CORE_FIXTURES = ["sit_forward.pt", "vae_forward.pt", "dinov2_encoder.pt"]
+ALL_FIXTURES = ["sit_forward.pt", "vae_forward.pt", "dinov2_encoder.pt", "vae_loss.pt", "e2e_step.pt", "samplers.pt"]
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +21,7 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("name", CORE_FIXTURES)
+@pytest.mark.parametrize("name", ALL_FIXTURES)
 def test_fixture_parity(name):
     path = fixture(name)
     if not os.path.exists(path):
@@ -31,7 +31,9 @@ def test_fixture_parity(name):
     assert not failed, "\n".join(failed)
     # Each fixture really compares many quantities (a checker that silently compares
     # nothing must not pass).
-    assert len(results) >= {"sit_forward.pt": 100, "vae_forward.pt": 25, "dinov2_encoder.pt": 35}[name]
+    minimum = {"sit_forward.pt": 100, "vae_forward.pt": 25, "dinov2_encoder.pt": 35, "vae_loss.pt": 80,
+               "e2e_step.pt": 60, "samplers.pt": 30}
+    assert len(results) >= minimum[name]
 
 
 def test_sit_fixture_gradients_cover_every_parameter():
