@@ -583,3 +583,16 @@ def test_native_reader_refuses_use_after_fork(tmp_path):
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert len(next(iter(r))[0]) == 8  # the parent is unaffected
     r.close()
+
+
+def test_pin_memory(tmp_path):
+    path = tmp_path / "pin.rec"
+    x, _ = make_file(path, n=32, shape=(3,), dtype="bfloat16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            RecordReader(path, 8, pin_memory=True)
+        return
+    with RecordReader(path, 8, shuffle=False, pin_memory=True, as_torch=True) as r:
+        rec, lab = next(iter(r))
+        assert rec.is_pinned() and lab.is_pinned() and rec.dtype == torch.bfloat16
+        assert np.array_equal(rec.view(torch.int16).numpy().view(np.uint16), x[:8])
