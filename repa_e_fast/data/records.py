@@ -593,9 +593,10 @@ class RecordReader:
                 path, dtype=self.info.storage_dtype, mode="r", offset=HEADER_SIZE,
                 shape=(n, *self.info.record_shape),
             )
-        if self.info.has_labels:
-            # Labels are tiny; a memmap serves get() and the NumPy backend.
-            self._labels_mm = np.memmap(path, dtype="<i8", mode="r", offset=self.info.labels_offset, shape=(n,))
+            if self.info.has_labels:
+                self._labels_mm = np.memmap(
+                    path, dtype="<i8", mode="r", offset=self.info.labels_offset, shape=(n,)
+                )
 
         self._epoch = 0
         self._position = 0  # batches of this epoch already handed out
