@@ -23,6 +23,11 @@ import statistics
 import sys
 import time
 
+# Runnable from a checkout without installing: put the repository root on the path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
 ALL_OPS = ("adaln", "gated", "fused", "repa", "groupnorm")
 
 # Distinct GroupNorm shapes of the SD-VAE f8d4 at 256 px (spec §5.2/5.3/5.5, channel plan):
