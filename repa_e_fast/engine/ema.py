@@ -12,8 +12,13 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.9999, float_bu
     exact copy. Wrapper prefixes (DDP ``module.``, ``_orig_mod.``) must be removed by the
     caller: pass the unwrapped modules."""
     model_params = dict(model.named_parameters())
+    ema_list, source_list = [], []
     for name, ema_param in ema.named_parameters():
-        ema_param.mul_(decay).add_(model_params[name].detach().to(ema_param.dtype), alpha=1 - decay)
+        ema_list.append(ema_param)
+        source_list.append(model_params[name].detach().to(ema_param.dtype))
+    # One multi-tensor kernel per op instead of two launches per parameter; same arithmetic.
+    torch._foreach_mul_(ema_list, decay)
+    torch._foreach_add_(ema_list, source_list, alpha=1 - decay)
     model_buffers = dict(model.named_buffers())
     for name, ema_buffer in ema.named_buffers():
         source = model_buffers[name].detach()
