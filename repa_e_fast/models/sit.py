@@ -134,8 +134,18 @@ class SiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
+        self.fused_ops = False
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        if self.fused_ops:
+            from ..ops import adaln_modulate, gated_residual, gated_residual_adaln_modulate
+
+            # Triton: LN+modulate in one pass; the attention residual and the MLP's
+            # LN+modulate share one read of the residual stream.
+            attn_out = self.attn(adaln_modulate(x, shift_msa, scale_msa, eps=self.norm1.eps))
+            x, h = gated_residual_adaln_modulate(x, gate_msa, attn_out, shift_mlp, scale_mlp, eps=self.norm2.eps)
+            return gated_residual(x, gate_mlp, self.mlp(h))
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -147,9 +157,14 @@ class FinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.fused_ops = False
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # shift first (R18)
+        if self.fused_ops:
+            from ..ops import adaln_modulate
+
+            return self.linear(adaln_modulate(x, shift, scale, eps=self.norm_final.eps))
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -213,7 +228,6 @@ class SiT(nn.Module):
         self.num_classes = num_classes
         self.encoder_depth = encoder_depth
         self.z_dims = list(z_dims)
-        self.fused_ops = fused_ops
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -228,6 +242,16 @@ class SiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.bn = nn.BatchNorm2d(in_channels, eps=1e-4, momentum=bn_momentum, affine=False, track_running_stats=True)
         self.initialize_weights()
+        self.set_fused_ops(fused_ops)
+
+    def set_fused_ops(self, enabled: bool) -> "SiT":
+        """Use the fused Triton ops (adaLN modulation, gated residual, REPA cosine loss) from
+        ``repa_e_fast.ops``; state-dict keys are unchanged. Off = the reference PyTorch path."""
+        self.fused_ops = enabled
+        for module in self.modules():
+            if isinstance(module, (SiTBlock, FinalLayer)):
+                module.fused_ops = enabled
+        return self
 
     # ----------------------------------------------------------------------------------
     # Initialisation and latent statistics
@@ -350,6 +374,10 @@ class SiT(nn.Module):
         }
 
     def projection_loss(self, zs: Sequence[torch.Tensor], zs_tilde: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.fused_ops:
+            from ..ops import repa_cosine_loss
+
+            return repa_cosine_loss(list(zs), list(zs_tilde))
         return repa_projection_loss(zs, zs_tilde)
 
     def inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
