@@ -43,6 +43,8 @@ def _parse(argv=None):
     p.add_argument("--ops", default=",".join(ALL_OPS), help=f"comma list of {ALL_OPS}")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--gn-act", default="silu,none", help="GroupNorm activations to run: silu,none")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing, profile ours fwd+bwd once per op (CPU launch cost vs GPU kernels)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     return p.parse_args(argv)
 
@@ -88,6 +90,52 @@ def run_benchmarks(ops=ALL_OPS, smoke=False, compile_baseline=True, gn_acts=("si
         log(f"wrote {path}")
         results["path"] = path
     return results
+
+
+def profile_ops(ops=ALL_OPS, gn_acts=("silu",), log=print):
+    """Per op (first case, and the smallest/largest GroupNorm): CPU time to issue one
+    fwd+bwd, GPU time of it, and the top kernels by device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from repa_e_fast import ops as F
+
+    dev = torch.device("cuda")
+    seen = set()
+    for case in _cases(ops, False, gn_acts, dev, torch, F):
+        key = case.op if case.op != "group_norm" else case.name
+        if key in seen or (case.op == "group_norm" and not any(s in case.name for s in ("C512 32x32", "C128 256x256"))):
+            continue
+        seen.add(key)
+        inputs, grads = case.make_inputs()
+
+        def step():
+            out = case.ours(*inputs)
+            outs = out if isinstance(out, tuple) else (out,)
+            torch.autograd.backward(list(outs), grads if grads[0] is not None else None)
+            for t in inputs:
+                t.grad = None
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            step()
+        cpu_ms = (time.perf_counter() - t0) / 20 * 1e3
+        torch.cuda.synchronize()
+        gpu_ms = (time.perf_counter() - t0) / 20 * 1e3
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        ev = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+        ev.sort(key=lambda e: -e.device_time_total)
+        log(f"profile {case.op} {case.name}: issue {cpu_ms:.3f} ms/iter, issue+sync {gpu_ms:.3f} ms/iter")
+        for e in ev[:7]:
+            log(f"    {e.device_time_total / 5 / 1e3:8.4f} ms/iter  x{e.count // 5}  {e.key[:90]}")
+        cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:5]
+        log("    top self-CPU: " + "; ".join(f"{e.key[:40]} {e.self_cpu_time_total / 5 / 1e3:.3f}ms" for e in cpu))
 
 
 def _cuda_available():
@@ -321,6 +369,8 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"bench_ops: unknown ops {sorted(unknown)}; choose from {ALL_OPS}")
     acts = tuple(a.strip() for a in args.gn_act.split(",") if a.strip())
+    if args.profile:
+        return profile_ops(ops, acts)
     run_benchmarks(ops, smoke=args.smoke, compile_baseline=not args.no_compile, gn_acts=acts,
                    out_dir=args.out_dir, command=" ".join(["python"] + sys.argv))
 

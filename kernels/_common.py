@@ -1,5 +1,6 @@
 """Small helpers shared by the kernel launchers (allocation, block sizing)."""
 
+import functools
 import math
 import os
 
@@ -39,7 +40,7 @@ def cdiv(a: int, b: int) -> int:
 def target_programs(device: torch.device) -> int:
     """How many programs a reduction should be split into to fill the machine."""
     if device.type == "cuda":
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     # Interpreter: every program is a Python loop iteration, so fewer is faster.
     return 4
 
@@ -51,3 +52,9 @@ def split_rows(n_rows: int, n_groups: int, device: torch.device, max_tile: int =
     """
     want_tiles = max(1, math.ceil(target_programs(device) / max(n_groups, 1)))
     return max(1, min(max_tile, cdiv(n_rows, want_tiles)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    # Cached: the property query is not free and sits on every launch path.
+    return torch.cuda.get_device_properties(index).multi_processor_count

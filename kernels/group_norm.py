@@ -47,7 +47,8 @@ def _gn_stats_kernel(X, PMEAN, PM2, HW, tiles_per_chunk, C: tl.constexpr, G: tl.
     n_chunks = tl.num_programs(1)
     base = X + n.to(tl.int64) * HW * C
     pp = tl.arange(0, BLOCK_P)[:, None, None]
-    g = tl.arange(0, BLOCK_G)[None, :, None]
+    g0 = tl.program_id(2) * BLOCK_G
+    g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
     c = tl.arange(0, BLOCK_C)[None, None, :]
     cmask = (g < G) & (c < CG)
     run_mean = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -68,7 +69,7 @@ def _gn_stats_kernel(X, PMEAN, PM2, HW, tiles_per_chunk, C: tl.constexpr, G: tl.
         delta = t_mean - run_mean
         run_mean += delta * frac
         run_m2 += t_m2 + delta * delta * prev * frac
-    gg = tl.arange(0, BLOCK_G)
+    gg = g0 + tl.arange(0, BLOCK_G)
     out = (n * n_chunks + chunk) * G + gg
     tl.store(PMEAN + out, run_mean, mask=gg < G)
     tl.store(PM2 + out, run_m2, mask=gg < G)
@@ -80,7 +81,7 @@ def _gn_finalize_kernel(PMEAN, PM2, MEAN, RSTD, HW, n_chunks, chunk_pixels, eps,
     n = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)[:, None]
     g = tl.arange(0, BLOCK_G)[None, :]
-    total = (HW * CG).to(tl.float32)
+    total = HW * CG * 1.0  # HW may arrive as a Python int (Triton specialises 1)
     acc = tl.zeros([BLOCK_K, BLOCK_G], dtype=tl.float32)
     for k0 in range(0, n_chunks, BLOCK_K):
         kk = k0 + k
@@ -113,7 +114,8 @@ def _gn_norm_kernel(X, W, B, MEAN, RSTD, Y, HW, tiles_per_chunk, C: tl.constexpr
     chunk = tl.program_id(1)
     off_n = n.to(tl.int64) * HW * C
     pp = tl.arange(0, BLOCK_P)[:, None, None]
-    g = tl.arange(0, BLOCK_G)[None, :, None]
+    g0 = tl.program_id(2) * BLOCK_G
+    g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
     c = tl.arange(0, BLOCK_C)[None, None, :]
     cmask = (g < G) & (c < CG)
     mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
@@ -158,7 +160,8 @@ def _gn_bwd_reduce_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, PDW, PDB, HW, tiles
     n_chunks = tl.num_programs(1)
     off_n = n.to(tl.int64) * HW * C
     pp = tl.arange(0, BLOCK_P)[:, None, None]
-    g = tl.arange(0, BLOCK_G)[None, :, None]
+    g0 = tl.program_id(2) * BLOCK_G
+    g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
     c = tl.arange(0, BLOCK_C)[None, None, :]
     cmask = (g < G) & (c < CG)
     mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
@@ -187,11 +190,11 @@ def _gn_bwd_reduce_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, PDW, PDB, HW, tiles
     w2 = tl.sum(w, axis=0)
     gs1 = tl.sum(s1 * w2, axis=1)
     gs2 = tl.sum(s2 * w2, axis=1)
-    gg = tl.arange(0, BLOCK_G)
+    gg = g0 + tl.arange(0, BLOCK_G)
     prow = n * n_chunks + chunk
     tl.store(PS1 + prow * G + gg, gs1, mask=gg < G)
     tl.store(PS2 + prow * G + gg, gs2, mask=gg < G)
-    g2 = tl.arange(0, BLOCK_G)[:, None]
+    g2 = g0 + tl.arange(0, BLOCK_G)[:, None]
     c2 = tl.arange(0, BLOCK_C)[None, :]
     m2 = (g2 < G) & (c2 < CG)
     tl.store(PDB + prow * C + g2 * CG + c2, s1, mask=m2)
@@ -207,7 +210,8 @@ def _gn_bwd_dx_kernel(X, DY, W, B, MEAN, RSTD, C1, C2, DX, HW, tiles_per_chunk, 
     chunk = tl.program_id(1)
     off_n = n.to(tl.int64) * HW * C
     pp = tl.arange(0, BLOCK_P)[:, None, None]
-    g = tl.arange(0, BLOCK_G)[None, :, None]
+    g0 = tl.program_id(2) * BLOCK_G
+    g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
     c = tl.arange(0, BLOCK_C)[None, None, :]
     cmask = (g < G) & (c < CG)
     mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
@@ -233,57 +237,65 @@ def _gn_bwd_dx_kernel(X, DY, W, B, MEAN, RSTD, C1, C2, DX, HW, tiles_per_chunk, 
 
 
 class _Plan:
-    """Block sizes and the chunking of a sample's pixels over programs."""
+    """Block sizes and how a sample is split over programs.
 
-    def __init__(self, x, num_groups):
+    A program covers BLOCK_G groups x a chunk of pixels. NCHW: one group per program, so a
+    tile is CG channel rows of BLOCK_P contiguous pixels (long contiguous runs).
+    channels_last: all groups per program, so a tile row is all C contiguous channels of
+    one pixel. Chunks are sized so that the grid has a few programs per SM.
+    """
+
+    def __init__(self, x, num_groups, channels_last):
         N, C, H, W = x.shape
         self.N, self.C, self.G, self.CG, self.HW = N, C, num_groups, C // num_groups, H * W
-        self.block_g = next_pow2(self.G)
         self.block_c = next_pow2(self.CG)
+        self.block_g = next_pow2(self.G) if channels_last else 1
+        self.n_gblocks = cdiv(self.G, self.block_g)
         self.block_p = max(1, min(next_pow2(self.HW), TILE_ELEMS // (self.block_g * self.block_c)))
         n_tiles = cdiv(self.HW, self.block_p)
-        chunks_wanted = max(1, cdiv(target_programs(x.device), N))
+        chunks_wanted = max(1, cdiv(target_programs(x.device), N * self.n_gblocks))
         self.tiles_per_chunk = cdiv(n_tiles, min(n_tiles, chunks_wanted))
         self.n_chunks = cdiv(n_tiles, self.tiles_per_chunk)
         self.chunk_pixels = self.tiles_per_chunk * self.block_p
-        self.grid = (N, self.n_chunks)
+        self.grid = (N, self.n_chunks, self.n_gblocks)
+        self.channels_last = channels_last
         self.warps = 4 if self.block_p * self.block_g * self.block_c <= 2048 else 8
 
-    def meta(self, channels_last):
-        return dict(C=self.C, G=self.G, CG=self.CG, CHANNELS_LAST=channels_last, BLOCK_P=self.block_p,
+    def meta(self):
+        return dict(C=self.C, G=self.G, CG=self.CG, CHANNELS_LAST=self.channels_last, BLOCK_P=self.block_p,
                     BLOCK_G=self.block_g, BLOCK_C=self.block_c, num_warps=self.warps)
 
 
-def group_norm_stats(x, num_groups, eps, channels_last):
+def group_norm_stats(x, num_groups, eps, channels_last, plan=None):
     """mean, rstd: fp32 [N, G] of a contiguous (in its format) [N, C, H, W] tensor."""
-    plan = _Plan(x, num_groups)
+    plan = plan or _Plan(x, num_groups, channels_last)
     dev = x.device
     pmean = alloc((plan.N, plan.n_chunks, plan.G), torch.float32, dev)
     pm2 = alloc((plan.N, plan.n_chunks, plan.G), torch.float32, dev)
-    _gn_stats_kernel[plan.grid](x, pmean, pm2, plan.HW, plan.tiles_per_chunk, **plan.meta(channels_last))
+    _gn_stats_kernel[plan.grid](x, pmean, pm2, plan.HW, plan.tiles_per_chunk, **plan.meta())
     mean = alloc((plan.N, plan.G), torch.float32, dev)
     rstd = alloc((plan.N, plan.G), torch.float32, dev)
     block_k = min(64, next_pow2(plan.n_chunks))
     _gn_finalize_kernel[(plan.N,)](pmean, pm2, mean, rstd, plan.HW, plan.n_chunks, plan.chunk_pixels,
                                    float(eps), G=plan.G, CG=plan.CG, BLOCK_K=block_k,
-                                   BLOCK_G=plan.block_g, num_warps=4)
+                                   BLOCK_G=next_pow2(plan.G), num_warps=4)
     return mean, rstd
 
 
 def group_norm_fwd(x, num_groups, weight, bias, eps, silu, channels_last):
     """Returns (y, mean [N, G] fp32, rstd [N, G] fp32); y has x's dtype and memory format."""
-    mean, rstd = group_norm_stats(x, num_groups, eps, channels_last)
-    plan = _Plan(x, num_groups)
+    plan = _Plan(x, num_groups, channels_last)
+    mean, rstd = group_norm_stats(x, num_groups, eps, channels_last, plan)
     y = alloc_like(x)
     _gn_norm_kernel[plan.grid](x, weight if weight is not None else x, bias if bias is not None else x, mean,
                                rstd, y, plan.HW, plan.tiles_per_chunk, HAS_W=weight is not None,
-                               HAS_B=bias is not None, SILU=silu, **plan.meta(channels_last))
+                               HAS_B=bias is not None, SILU=silu, **plan.meta())
     return y, mean, rstd
 
 
 def group_norm_bwd(x, dy, num_groups, weight, bias, mean, rstd, silu, channels_last, need_dx=True):
     """dy must have x's memory format. Returns (dx or None, dweight fp32 [C], dbias fp32 [C])."""
-    plan = _Plan(x, num_groups)
+    plan = _Plan(x, num_groups, channels_last)
     dev = x.device
     rows = plan.N * plan.n_chunks
     ps1 = alloc((plan.N, plan.n_chunks, plan.G), torch.float32, dev)
@@ -294,7 +306,7 @@ def group_norm_bwd(x, dy, num_groups, weight, bias, mean, rstd, silu, channels_l
     b_arg = bias if bias is not None else x
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu)
     _gn_bwd_reduce_kernel[plan.grid](x, dy, w_arg, b_arg, mean, rstd, ps1, ps2, pdw, pdb, plan.HW,
-                                     plan.tiles_per_chunk, **flags, **plan.meta(channels_last))
+                                     plan.tiles_per_chunk, **flags, **plan.meta())
     dx = None
     if need_dx:
         count = float(plan.HW * plan.CG)
@@ -302,5 +314,5 @@ def group_norm_bwd(x, dy, num_groups, weight, bias, mean, rstd, silu, channels_l
         c2 = ps2.sum(1).div_(count)
         dx = alloc_like(x)
         _gn_bwd_dx_kernel[plan.grid](x, dy, w_arg, b_arg, mean, rstd, c1, c2, dx, plan.HW,
-                                     plan.tiles_per_chunk, **flags, **plan.meta(channels_last))
+                                     plan.tiles_per_chunk, **flags, **plan.meta())
     return dx, pdw.sum(0), pdb.sum(0)

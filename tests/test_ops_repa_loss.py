@@ -99,9 +99,8 @@ def test_repa_loss_zero_rows(kernel_env, dtype):
 @needs_triton
 def test_repa_loss_mixed_dtypes_and_noncontiguous(kernel_env):
     gen = torch.Generator().manual_seed(12)
-    z = torch.randn(3, 8, 2, 10, generator=gen)[:, :, 0]  # [3, 8, 10], not contiguous
-    t = torch.randn(3, 8, 10, generator=gen).to(torch.bfloat16)
-    z, t = z.to(DEVICE), t.to(DEVICE)
+    z = torch.randn(3, 8, 2, 10, generator=gen).to(DEVICE)[:, :, 0]  # [3, 8, 10], not contiguous
+    t = torch.randn(3, 8, 10, generator=gen).to(torch.bfloat16).to(DEVICE)
     assert not z.is_contiguous()
     loss = ops.repa_cosine_loss(z, t)
     ref = ops.repa_cosine_loss_reference(z.double(), t.double())
