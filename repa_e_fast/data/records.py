@@ -602,7 +602,7 @@ class RecordReader:
         self._position = 0  # batches of this epoch already handed out
         self._perm_epoch = None
         self._perm = None
-        self._pending: list = []  # native: (batch_index, ticket, records, labels) in order
+        self._pending: list = []  # native: (batch_index, ticket, buffer pair, n), in order
         self._free: list = []  # recycled (records, labels) buffer pairs
         self._closed = False
 
