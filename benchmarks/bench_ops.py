@@ -92,6 +92,9 @@ def run_benchmarks(ops=ALL_OPS, smoke=False, compile_baseline=True, gn_acts=("si
     return results
 
 
+PROFILE_GN = ("C512 32x32 nchw", "C256 256x256 nchw", "C256 256x256 nhwc")
+
+
 def profile_ops(ops=ALL_OPS, gn_acts=("silu",), log=print):
     """Per op (first case, and the smallest/largest GroupNorm): CPU time to issue one
     fwd+bwd, GPU time of it, and the top kernels by device time."""
@@ -104,7 +107,7 @@ def profile_ops(ops=ALL_OPS, gn_acts=("silu",), log=print):
     seen = set()
     for case in _cases(ops, False, gn_acts, dev, torch, F):
         key = case.op if case.op != "group_norm" else case.name
-        if key in seen or (case.op == "group_norm" and not any(s in case.name for s in ("C512 32x32", "C128 256x256"))):
+        if key in seen or (case.op == "group_norm" and not any(s in case.name for s in PROFILE_GN)):
             continue
         seen.add(key)
         inputs, grads = case.make_inputs()
@@ -132,10 +135,8 @@ def profile_ops(ops=ALL_OPS, gn_acts=("silu",), log=print):
         ev = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
         ev.sort(key=lambda e: -e.device_time_total)
         log(f"profile {case.op} {case.name}: issue {cpu_ms:.3f} ms/iter, issue+sync {gpu_ms:.3f} ms/iter")
-        for e in ev[:7]:
-            log(f"    {e.device_time_total / 5 / 1e3:8.4f} ms/iter  x{e.count // 5}  {e.key[:90]}")
-        cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:5]
-        log("    top self-CPU: " + "; ".join(f"{e.key[:40]} {e.self_cpu_time_total / 5 / 1e3:.3f}ms" for e in cpu))
+        kernels = [e for e in ev if "autograd" not in e.key and not e.key.startswith("_") or "kernel" in e.key]
+        log("    GPU ms/iter: " + "; ".join(f"{e.key[:28]} {e.device_time_total / 5 / 1e3:.4f}" for e in kernels[:6]))
 
 
 def _cuda_available():
@@ -173,6 +174,11 @@ class _Timer:
             if i:
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
+
+    def graph(self, fn, grad_to_none=None):
+        """Median ms of ``fn`` replayed from a CUDA graph: GPU time without Python launch cost."""
+        from triton.testing import do_bench_cudagraph
+        return do_bench_cudagraph(fn, rep=10, grad_to_none=grad_to_none, return_mode="median")
 
     def copy_bandwidth(self, nbytes):
         import torch
@@ -325,14 +331,24 @@ def _run_case(case, timer, compile_baseline, copy_gbs, torch, log):
         except Exception as e:  # a baseline that fails to compile is reported, not fatal
             r[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
             log(f"  {name} failed: {r[f'{name}_error']}")
+            continue
+        if timer.dev.type == "cuda":
+            try:
+                r[f"{name}_graph_ms_fwd"] = timer.graph(fwd)
+                r[f"{name}_graph_ms_fwd_bwd"] = timer.graph(fwd_bwd, grad_to_none=leaves)
+            except Exception as e:
+                r[f"{name}_graph_error"] = f"{type(e).__name__}: {e}"[:300]
+                log(f"  {name} cuda-graph timing failed: {r[f'{name}_graph_error']}")
+            torch.cuda.empty_cache()
     for mode, nbytes in (("fwd", bytes_fwd), ("fwd_bwd", bytes_fb)):
-        ms = r.get(f"ours_ms_{mode}")
-        if ms:
-            r[f"ours_GBps_{mode}"] = nbytes / ms / 1e6
-            r[f"ours_pct_copy_{mode}"] = 100 * nbytes / ms / 1e6 / copy_gbs
-            for base in ("eager", "compile", "ours_unfused"):
-                if r.get(f"{base}_ms_{mode}"):
-                    r[f"speedup_vs_{base}_{mode}"] = r[f"{base}_ms_{mode}"] / ms
+        for kind in ("", "graph_"):  # wall time per call (do_bench) / GPU time (CUDA graph replay)
+            ms = r.get(f"ours_{kind}ms_{mode}")
+            if ms:
+                r[f"ours_{kind}GBps_{mode}"] = nbytes / ms / 1e6
+                r[f"ours_{kind}pct_copy_{mode}"] = 100 * nbytes / ms / 1e6 / copy_gbs
+                for base in ("eager", "compile", "ours_unfused"):
+                    if r.get(f"{base}_{kind}ms_{mode}"):
+                        r[f"{kind}speedup_vs_{base}_{mode}"] = r[f"{base}_{kind}ms_{mode}"] / ms
     log(_row(r))
     del inputs, grads, leaves
     if torch.cuda.is_available():
@@ -340,21 +356,23 @@ def _run_case(case, timer, compile_baseline, copy_gbs, torch, log):
     return r
 
 
-_HEAD = (f"{'op':22s} {'case':32s} {'mode':7s} {'ours ms':>8s} {'eager':>8s} {'compile':>8s} {'MB':>7s} "
-         f"{'GB/s':>6s} {'%copy':>6s} {'x eager':>7s} {'x comp':>7s}")
+_HEAD = (f"{'op':20s} {'case':30s} {'mode':7s} | wall ms: {'ours':>6s} {'eager':>6s} {'comp':>6s} | "
+         f"CUDA-graph ms: {'ours':>6s} {'eager':>6s} {'comp':>6s} {'GB/s':>5s} {'%copy':>5s} {'xeager':>6s} {'xcomp':>6s}")
 
 
 def _row(r):
     lines = []
     for mode in ("fwd", "fwd_bwd"):
-        def f(k, fmt="{:8.3f}"):
+        def f(k, fmt="{:6.3f}"):
             v = r.get(k)
-            return fmt.format(v) if v is not None else " " * (len(fmt.format(0.0)))
-        lines.append(f"{r['op']:22s} {r['case']:32s} {mode:7s} {f(f'ours_ms_{mode}')} {f(f'eager_ms_{mode}')} "
-                     f"{f(f'compile_ms_{mode}')} {r[f'bytes_{mode}'] / 1e6:7.1f} {f(f'ours_GBps_{mode}', '{:6.0f}')} "
-                     f"{f(f'ours_pct_copy_{mode}', '{:6.1f}')} {f(f'speedup_vs_eager_{mode}', '{:7.2f}')} "
-                     f"{f(f'speedup_vs_compile_{mode}', '{:7.2f}')}"
-                     + (f"  (unfused ours {r[f'ours_unfused_ms_{mode}']:.3f} ms)" if r.get(f"ours_unfused_ms_{mode}") else ""))
+            return fmt.format(v) if v is not None else "-".rjust(len(fmt.format(0.0)))
+        unf = [f"unfused ours {r[k]:.3f}" for k in (f"ours_unfused_ms_{mode}", f"ours_unfused_graph_ms_{mode}") if r.get(k)]
+        lines.append(f"{r['op'][:20]:20s} {r['case'][:30]:30s} {mode:7s} | wall ms: {f(f'ours_ms_{mode}')} "
+                     f"{f(f'eager_ms_{mode}')} {f(f'compile_ms_{mode}')} | CUDA-graph ms: {f(f'ours_graph_ms_{mode}')} "
+                     f"{f(f'eager_graph_ms_{mode}')} {f(f'compile_graph_ms_{mode}')} "
+                     f"{f(f'ours_graph_GBps_{mode}', '{:5.0f}')} {f(f'ours_graph_pct_copy_{mode}', '{:5.1f}')} "
+                     f"{f(f'graph_speedup_vs_eager_{mode}', '{:6.2f}')} {f(f'graph_speedup_vs_compile_{mode}', '{:6.2f}')}"
+                     + (f"  ({', '.join(unf)})" if unf else ""))
     return "\n".join(lines)
 
 
