@@ -48,20 +48,26 @@ def synchronize(device):
 # ----------------------------------------------------------------------------------------
 # Whole steps
 # ----------------------------------------------------------------------------------------
+def build_bench_sit(model_name, smoke, fast):
+    if smoke:
+        sit = build_sit("SiT-S/2", input_size=4, in_channels=4, depth=2, hidden_size=64, num_heads=2,
+                        num_classes=10, z_dims=[384], encoder_depth=1, projector_dim=64)
+    else:
+        sit = build_sit(model_name, input_size=32, in_channels=4, z_dims=[768], encoder_depth=8)
+    return sit.set_fused_ops(fast)
+
+
 def build_repae(model_name, batch, device, variant, smoke):
     """SiT + f8d4 VAE + loss module + DINOv2 targets with random weights (timing only)."""
     torch.manual_seed(0)
     fast = variant == "fast"
+    sit = build_bench_sit(model_name, smoke, fast)
     if smoke:
-        sit = build_sit("SiT-S/2", input_size=4, in_channels=4, depth=2, hidden_size=64, num_heads=2,
-                        num_classes=10, z_dims=[384], encoder_depth=1, projector_dim=64)
         vae = AutoencoderKL(embed_dim=4, ch_mult=(1, 2, 4, 4), ch=32, num_res_blocks=1)
         resolution = 32
     else:
-        sit = build_sit(model_name, input_size=32, in_channels=4, z_dims=[768], encoder_depth=8)
         vae = build_vae("f8d4")
         resolution = 256
-    sit.set_fused_ops(fast)
     vae.set_fused_ops(fast)
     loss_fn = VAERegularizationLoss()
     sit, vae, loss_fn = sit.to(device), vae.to(device), loss_fn.to(device)
@@ -97,13 +103,7 @@ def build_repae(model_name, batch, device, variant, smoke):
 def build_ldm(model_name, batch, device, variant, smoke):
     torch.manual_seed(0)
     fast = variant == "fast"
-    if smoke:
-        sit = build_sit("SiT-S/2", input_size=4, in_channels=4, depth=2, hidden_size=64, num_heads=2,
-                        num_classes=10, z_dims=[384], encoder_depth=1, projector_dim=64)
-    else:
-        sit = build_sit(model_name, input_size=32, in_channels=4, z_dims=[768], encoder_depth=8)
-    sit.set_fused_ops(fast)
-    sit = sit.to(device)
+    sit = build_bench_sit(model_name, smoke, fast).to(device)
     ema = copy.deepcopy(sit).requires_grad_(False)
     optimizers = {"sit": build_adamw(sit, fused=fast and device.type == "cuda")}
     backend = SingleProcessBackend({"sit": sit}, optimizers, precision="bf16" if device.type == "cuda" else "fp32")
