@@ -10,3 +10,13 @@ import torch
 # on CPU tensors) sees the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def kernel_env(monkeypatch):
+    """Force the Triton path and NaN-poison every kernel output (unwritten elements fail)."""
+    monkeypatch.setenv("REPA_E_FAST_OPS", "triton")
+    monkeypatch.setenv("REPA_E_FAST_POISON", "1")

@@ -239,11 +239,11 @@ def test_lpips_from_torchvision_and_lin_files(tmp_path):
     assert set(vgg16_to_lpips_keys(vgg)) == {k for k in reference.state_dict() if k.startswith("net.")}
     torch.save(vgg, tmp_path / "vgg16.pth")
     torch.save({k: v for k, v in reference.state_dict().items() if k.startswith("lin")}, tmp_path / "vgg.pth")
-    loaded = LPIPS.from_pretrained(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"))
+    loaded = LPIPS.from_files(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"))
     a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(loaded(a, b), reference(a, b))
     assert loaded(a, a).abs().max() == 0 and loaded(a, b).shape == (2, 1, 1, 1)
     loaded.train()
     assert not loaded.training  # LPIPS stays in eval mode (dropout off)
     with pytest.raises(FileNotFoundError, match="vgg.pth"):
-        LPIPS.from_pretrained(str(tmp_path / "vgg16.pth"), str(tmp_path / "missing" / "vgg.pth"))
+        LPIPS.from_files(str(tmp_path / "vgg16.pth"), str(tmp_path / "missing" / "vgg.pth"))

@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from repa_e_fast import ops
-from repa_e_fast.ops import _dispatch
+from _ops_helpers import DTYPES, SUBNORMAL_STEP, TOL, needs_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-# Spacing of the subnormal numbers: tiny gradients cannot be more precise than this in dtype.
-SUBNORMAL_STEP = {d: torch.finfo(d).tiny * torch.finfo(d).eps for d in TOL}
-needs_triton = pytest.mark.skipif(not _dispatch.triton_available(), reason="triton not installed")
 
 # (B, T, D): SiT-XL width with few tokens, odd widths, T = 1 / 255 / 256.
 SHAPES = [(2, 1, 1152), (2, 3, 1152), (2, 255, 72), (1, 256, 77), (3, 7, 5)]

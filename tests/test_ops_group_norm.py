@@ -10,19 +10,10 @@ import torch.nn as nn
 
 from repa_e_fast import ops
 from repa_e_fast.ops import _dispatch
+from _ops_helpers import SUBNORMAL_STEP, TOL, needs_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-SUBNORMAL_STEP = {d: torch.finfo(d).tiny * torch.finfo(d).eps for d in TOL}
-needs_triton = pytest.mark.skipif(not _dispatch.triton_available(), reason="triton not installed")
 CL = torch.channels_last
-
-
-@pytest.fixture
-def kernel_env(monkeypatch):
-    monkeypatch.setenv("REPA_E_FAST_OPS", "triton")
-    monkeypatch.setenv("REPA_E_FAST_POISON", "1")
 
 
 def close(actual, ref, dtype, what):

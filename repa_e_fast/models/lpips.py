@@ -101,7 +101,7 @@ class LPIPS(nn.Module):
         return total
 
     @classmethod
-    def from_pretrained(cls, vgg16_path: str, lin_path: str) -> "LPIPS":
+    def from_files(cls, vgg16_path: str, lin_path: str) -> "LPIPS":
         """Build from local files: torchvision's ``vgg16-397923af.pth`` (keys ``features.N.*``)
         and the LPIPS lin weights ``vgg.pth`` (keys ``linK.model.1.weight``)."""
         from .checkpoints import load_state_dict_file, load_state_dict_strict
