@@ -1,23 +1,67 @@
 """Training backends: the small interface the step is written against.
 
-The step calls, per model name ("sit", "vae", "disc"): ``backward(name, loss)``,
-``clip_grad_norm(name, max_norm)``, ``step(name)``, ``zero_grad(name)``, plus
-``autocast()`` for forward passes and ``sync_step`` (True on the micro-step that updates).
-Single process lives here; DDP and DeepSpeed implement the same methods.
+Per model name ("sit", "vae", "disc") the step calls:
+
+  backward(name, loss)              scale (fp16) and accumulate gradients
+  clip_grad_norm(name, max_norm)    on a synchronising micro-step: unscale, clip, return the
+                                    norm BEFORE clipping (all ranks agree); None when the
+                                    backend only learns the norm inside ``step`` (DeepSpeed)
+  step(name) / skip(name)           apply / drop the accumulated gradients (sync steps)
+  grad_norm_after_step(name)        the norm a backend computed inside ``step``, else None
+
+plus ``autocast()``, ``sync_step``, ``end_micro_step()``, ``all_finite(tensors)`` (True only
+when every value is finite on EVERY rank, so all ranks skip together) and
+``unwrap(name)``. Single process and DDP live here, DeepSpeed in ``backend_deepspeed.py``.
 """
 
 import contextlib
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+class SharedLossScaler:
+    """Dynamic fp16 loss scale shared by the three optimizers, with the official run's
+    arithmetic (spec §2.4): start 2^16, x0.5 on an overflow, x2 after 2000 clean updates,
+    one update after EACH optimizer's step (three per iteration), an overflow skips only
+    that optimizer. The step applies all updates after all backward passes, so every
+    backward of one iteration uses the same scale; the scale sequence is the official one."""
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000):
+        self.scale = float(init_scale)
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self.clean_updates = 0
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.scale *= self.backoff_factor
+            self.clean_updates = 0
+            return
+        self.clean_updates += 1
+        if self.clean_updates == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.clean_updates = 0
+
+    def get_scale(self) -> float:
+        return self.scale
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_updates": self.clean_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.clean_updates = int(state["clean_updates"])
+
+
 class SingleProcessBackend:
-    """One process, one device. fp16 uses ONE GradScaler shared by every optimizer, updated
-    after each optimizer step, as the official accelerate setup does (spec §2.4, Q15)."""
+    """One process, one device."""
 
     def __init__(
         self,
@@ -34,12 +78,14 @@ class SingleProcessBackend:
         missing = set(optimizers) - set(models)
         if missing:
             raise ValueError(f"optimizers without a model: {sorted(missing)}")
-        self.models = models
+        self.models = dict(models)
+        self.modules = dict(models)  # unwrapped; subclasses wrap self.models
         self.optimizers = optimizers
         self.precision = precision
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.device = device or next(iter(models.values())).parameters().__next__().device
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.scaler = SharedLossScaler() if precision == "fp16" else None
+        self._found_inf: Dict[str, bool] = {}
         self.micro_step = 0
 
     # -- the interface used by the step ---------------------------------------------------
@@ -47,6 +93,12 @@ class SingleProcessBackend:
     def sync_step(self) -> bool:
         """True when the current micro-step ends an accumulation window."""
         return (self.micro_step + 1) % self.gradient_accumulation_steps == 0
+
+    @property
+    def checks_grad_norm(self) -> bool:
+        """A non-finite gradient norm is a fault, except under fp16, where it is an
+        overflow that the loss scaler handles by skipping that optimizer's step."""
+        return self.scaler is None
 
     def autocast(self):
         if self.precision == "fp32":
@@ -57,31 +109,53 @@ class SingleProcessBackend:
     def backward(self, name: str, loss: torch.Tensor) -> None:
         loss = loss / self.gradient_accumulation_steps
         if self.scaler is not None:
-            loss = self.scaler.scale(loss)
+            loss = loss * self.scaler.get_scale()
         loss.backward()
 
+    def _grads(self, name: str):
+        return [p.grad for p in self.modules[name].parameters() if p.grad is not None]
+
+    def _reduce_gradients(self, name: str) -> None:
+        """Hook for data-parallel backends: average gradients over ranks."""
+
     def clip_grad_norm(self, name: str, max_norm: float) -> torch.Tensor:
-        """Unscale (fp16) then clip; returns the total norm BEFORE clipping (R5)."""
+        self._reduce_gradients(name)
+        grads = self._grads(name)
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizers[name])
-        params = [p for p in self.models[name].parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+            torch._foreach_mul_(grads, 1.0 / self.scaler.get_scale())
+        params = [p for p in self.modules[name].parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self._found_inf[name] = not bool(torch.isfinite(norm))
+        return norm
 
     def step(self, name: str) -> None:
+        found_inf = self._found_inf.pop(name, False)
         if self.scaler is not None:
-            self.scaler.step(self.optimizers[name])
-            self.scaler.update()
+            if not found_inf:
+                self.optimizers[name].step()
+            self.scaler.update(found_inf)
         else:
             self.optimizers[name].step()
+        self.optimizers[name].zero_grad(set_to_none=True)
+
+    def skip(self, name: str) -> None:
+        self._found_inf.pop(name, None)
+        self.optimizers[name].zero_grad(set_to_none=True)
+
+    def grad_norm_after_step(self, name: str) -> Optional[torch.Tensor]:
+        return None
 
     def zero_grad(self, name: str) -> None:
         self.optimizers[name].zero_grad(set_to_none=True)
+
+    def all_finite(self, values: Sequence[torch.Tensor]) -> bool:
+        return all(bool(torch.isfinite(v.detach()).all()) for v in values)
 
     def end_micro_step(self) -> None:
         self.micro_step += 1
 
     def unwrap(self, name: str) -> nn.Module:
-        return self.models[name]
+        return self.modules[name]
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -98,6 +172,63 @@ class SingleProcessBackend:
             self.scaler.load_state_dict(state["scaler"])
 
 
+class DDPBackend(SingleProcessBackend):
+    """torch.distributed data parallel (torchrun). The SiT and the VAE are wrapped in
+    DistributedDataParallel (their gradients are all-reduced during backward, overlapped
+    with compute). The VAE-loss module is not wrapped: it is called twice per step in two
+    roles (generator loss with a frozen discriminator, then the discriminator loss), which
+    DDP's one-forward-one-backward reducer cannot follow; its few trainable parameters (the
+    discriminator, ~2.8 M) are averaged with one flat all-reduce before clipping."""
+
+    WRAPPED = ("sit", "vae")
+
+    def __init__(self, models, optimizers, precision="fp32", gradient_accumulation_steps=1, device=None,
+                 process_group=None):
+        super().__init__(models, optimizers, precision, gradient_accumulation_steps, device)
+        if not dist.is_initialized():
+            raise RuntimeError("DDPBackend needs torch.distributed initialised (launch with torchrun)")
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        for name in self.WRAPPED:
+            if name in self.models:
+                # broadcast_buffers=False: the latent BN is synchronised by SyncBatchNorm, and
+                # rank 0's buffers must not overwrite the others' mid-step.
+                self.models[name] = nn.parallel.DistributedDataParallel(
+                    self.modules[name], device_ids=device_ids, broadcast_buffers=False, process_group=process_group)
+        self._set_gradient_sync()
+
+    def _set_gradient_sync(self) -> None:
+        # Only the micro-step that ends an accumulation window all-reduces (DDP reads this
+        # flag at forward time, as its no_sync() context does).
+        for name in self.WRAPPED:
+            if name in self.models:
+                self.models[name].require_backward_grad_sync = self.sync_step
+
+    def _reduce_gradients(self, name: str) -> None:
+        if name in self.WRAPPED or self.world_size == 1:
+            return
+        grads = self._grads(name)
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.process_group)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def all_finite(self, values: Sequence[torch.Tensor]) -> bool:
+        bad = torch.tensor([0.0 if super(DDPBackend, self).all_finite(values) else 1.0], device=self.device)
+        dist.all_reduce(bad, group=self.process_group)
+        return bad.item() == 0.0
+
+    def end_micro_step(self) -> None:
+        super().end_micro_step()
+        self._set_gradient_sync()
+
+
 def build_adamw(module: nn.Module, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                 weight_decay: float = 0.0, fused: Optional[bool] = None) -> torch.optim.AdamW:
     """AdamW over ALL parameters of ``module`` in ``parameters()`` order (the official layout;
@@ -106,3 +237,4 @@ def build_adamw(module: nn.Module, lr: float = 1e-4, betas=(0.9, 0.999), eps: fl
     if fused:
         kwargs["fused"] = True
     return torch.optim.AdamW(module.parameters(), **kwargs)
+

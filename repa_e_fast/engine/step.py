@@ -6,10 +6,15 @@ One REPA-E iteration, in the official order (reference README R1-R9):
   (A) VAE:  regularisation loss (L1 + LPIPS + KL + GAN, frozen D)
             + vae_align_proj_coeff * REPA loss of an align-only SiT pass (eval mode,
               frozen SiT, stops after block encoder_depth; its gradient reaches the VAE
-              through the latent) -> backward, clip, AdamW step
-  (B) discriminator: hinge loss on (real, detached reconstruction) -> backward, clip, step
+              through the latent) -> backward
+  (B) discriminator: hinge loss on (real, detached reconstruction) -> backward
   (C) SiT:  denoising + proj_coeff * REPA loss on the detached latent, train mode, the SAME
-            t and noise as (A) -> backward, clip, step;  EMA update.
+            t and noise as (A) -> backward
+  then, for VAE, discriminator, SiT: clip, AdamW step; EMA update.
+
+The official script steps each optimizer right after its backward. No later sub-step reads
+an earlier update, so stepping all three at the end is the same arithmetic, and a
+non-finite loss or gradient norm anywhere can skip the whole iteration.
 
 Everything device- or precision-specific goes through the backend (``backends.py``).
 """
@@ -55,7 +60,52 @@ def encoder_targets(encoders: Sequence[nn.Module], images: torch.Tensor) -> List
         return [encoder(images) for encoder in encoders]
 
 
-class REPAEStep:
+class _UpdateMixin:
+    """Fault handling and the update of several models at the end of a step.
+
+    A non-finite loss (checked on every rank before its backward) or, outside fp16, a
+    non-finite gradient norm makes the step skip the optimizer update of every model and
+    the EMA update; ``last_fault`` names what went bad and the trainer counts it. Under fp16
+    a non-finite gradient norm is a loss-scale overflow: the scaler skips that optimizer
+    only, as in the official run."""
+
+    last_fault: Optional[str] = None
+
+    def _check_finite(self, name: str, value: torch.Tensor) -> bool:
+        if self.backend.all_finite([value]):
+            return True
+        self.last_fault = name
+        return False
+
+    def _give_up(self, logs, backwarded: Sequence[str]):
+        # Gradients of the models already back-propagated in this accumulation window are
+        # dropped with the step, on every rank (all_finite agreed on the fault).
+        for name in backwarded:
+            self.backend.skip(name)
+        self.backend.end_micro_step()
+        return logs
+
+    def _update(self, logs, names: Sequence[str]) -> None:
+        backend, config = self.backend, self.config
+        norms = {name: backend.clip_grad_norm(name, config.max_grad_norm) for name in names}
+        if getattr(backend, "checks_grad_norm", True):
+            bad = [f"grad_norm_{name}" for name, norm in norms.items()
+                   if norm is not None and not bool(torch.isfinite(norm))]
+            if bad:
+                self.last_fault = ", ".join(bad)
+                for name in names:
+                    backend.skip(name)
+                logs.update({f"grad_norm_{name}": norm.detach() for name, norm in norms.items() if norm is not None})
+                return
+        for name in names:
+            backend.step(name)
+            norm = norms[name] if norms[name] is not None else backend.grad_norm_after_step(name)
+            if norm is not None:
+                logs[f"grad_norm_{name}"] = norm.detach()
+        update_ema(self.ema, backend.unwrap("sit"), config.ema_decay)
+
+
+class REPAEStep(_UpdateMixin):
     """Callable training step. Models are reached through ``backend.models`` (keys "sit",
     "vae", "disc" where "disc" is the whole VAE-loss module) so that wrapped models (DDP,
     DeepSpeed engines) work unchanged; ``ema`` is a plain SiT copy."""
@@ -91,9 +141,9 @@ class REPAEStep:
         backend, config = self.backend, self.config
         sit, vae, loss_fn = backend.models["sit"], backend.models["vae"], backend.models["disc"]
         sit_module = backend.unwrap("sit")
-        sync = backend.sync_step
         logs: Dict[str, torch.Tensor] = {}
         intermediate: Dict[str, object] = {}
+        self.last_fault = None
 
         if images.dtype != torch.uint8:
             raise TypeError(f"images must be uint8 [B,3,H,W], got {images.dtype}")
@@ -114,6 +164,10 @@ class REPAEStep:
                                 align_only=True, time_input=time_input, noises=noises,
                                 align_only_final_layer=config.align_pass_final_layer)
         vae_total = vae_loss + config.vae_align_proj_coeff * align["proj_loss"].mean()
+        logs.update(vae_loss=vae_total.detach(), vae_align_loss=align["proj_loss"].detach(),
+                    **{k: v.detach() for k, v in vae_loss_dict.items() if k != "total_loss"})
+        if not self._check_finite("vae_loss", vae_total):
+            return self._give_up(logs, ("vae",))
         if keep_intermediate:
             z.retain_grad()
             posterior.parameters.retain_grad()
@@ -125,18 +179,14 @@ class REPAEStep:
                 vae_loss_grad_wrt_recon_image=recon.grad.clone(),
                 vae_grads_before_clip={n: p.grad.clone() for n, p in backend.unwrap("vae").named_parameters()
                                        if p.grad is not None})
-        if sync:
-            logs["grad_norm_vae"] = backend.clip_grad_norm("vae", config.max_grad_norm).detach()
-            backend.step("vae")
-            backend.zero_grad("vae")
 
         # (B) discriminator on the reconstruction from BEFORE the VAE update (Q3).
         d_loss, d_loss_dict = loss_fn(processed, recon.detach(), posterior, global_step, "discriminator")
+        logs.update(d_loss=d_loss.detach(),
+                    **{k: v.detach() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
+        if not self._check_finite("d_loss", d_loss):
+            return self._give_up(logs, ("vae", "disc"))
         backend.backward("disc", d_loss)
-        if sync:
-            logs["grad_norm_disc"] = backend.clip_grad_norm("disc", config.max_grad_norm).detach()
-            backend.step("disc")
-            backend.zero_grad("disc")
 
         # (C) SiT on the detached latent, train mode, same t and noise as (A) (R3).
         sit.train()
@@ -145,23 +195,22 @@ class REPAEStep:
                       time_input=align["time_input"], noises=align["noises"])
         denoising = out["denoising_loss"].mean()
         sit_loss = denoising + config.proj_coeff * out["proj_loss"].mean()
+        logs.update(sit_loss=sit_loss.detach(), denoising_loss=denoising.detach(), proj_loss=out["proj_loss"].detach())
+        if not self._check_finite("sit_loss", sit_loss):
+            return self._give_up(logs, ("vae", "disc", "sit"))
         backend.backward("sit", sit_loss)
         if keep_intermediate:
             intermediate["sit_grads_before_clip"] = {n: p.grad.clone() for n, p in sit_module.named_parameters()
                                                      if p.grad is not None}
-        if sync:
-            logs["grad_norm_sit"] = backend.clip_grad_norm("sit", config.max_grad_norm).detach()
-            backend.step("sit")
-            backend.zero_grad("sit")
-            update_ema(self.ema, sit_module, config.ema_decay)
+
+        # Updates. No sub-step's forward depends on another's update (B uses the
+        # reconstruction from before the VAE step, C the detached latent), so applying the
+        # three updates here, after all backward passes, gives the official numbers and lets
+        # a fault anywhere skip the update of EVERY model.
+        if backend.sync_step:
+            self._update(logs, ("vae", "disc", "sit"))
         backend.end_micro_step()
 
-        logs.update(
-            sit_loss=sit_loss.detach(), denoising_loss=denoising.detach(), proj_loss=out["proj_loss"].detach(),
-            vae_loss=vae_total.detach(), vae_align_loss=align["proj_loss"].detach(), d_loss=d_loss.detach(),
-            **{k: v for k, v in vae_loss_dict.items() if k != "total_loss"},
-            **{k: v for k, v in d_loss_dict.items() if k != "discriminator_loss"},
-        )
         if keep_intermediate:
             intermediate.update(
                 processed_image=processed, moments=posterior.parameters.detach(), z=z.detach(),
@@ -173,7 +222,7 @@ class REPAEStep:
         return logs
 
 
-class LDMStep:
+class LDMStep(_UpdateMixin):
     """SiT training on cached latents with a frozen VAE (``train_ldm_only.py``, spec §9.1):
     z = mean + std * n from cached [2C,h,w] moments (mean and std), the latent BN kept in
     eval mode with the VAE's fixed statistics, pos_embed frozen, label dropout active."""
@@ -188,6 +237,7 @@ class LDMStep:
                  images: Optional[torch.Tensor] = None, latent_noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         backend, config = self.backend, self.config
         sit, sit_module = backend.models["sit"], backend.unwrap("sit")
+        self.last_fault = None
         if zs is None:
             if images is None:
                 raise ValueError("LDMStep needs either encoder targets zs or the uint8 images to compute them")
@@ -203,13 +253,11 @@ class LDMStep:
             out = sit(z, labels, zs, path_type=config.path_type, weighting=config.weighting)
         denoising = out["denoising_loss"].mean()
         sit_loss = denoising + config.proj_coeff * out["proj_loss"].mean()
+        logs = dict(sit_loss=sit_loss.detach(), denoising_loss=denoising.detach(), proj_loss=out["proj_loss"].detach())
+        if not self._check_finite("sit_loss", sit_loss):
+            return self._give_up(logs, ("sit",))
         backend.backward("sit", sit_loss)
-        logs = {}
         if backend.sync_step:
-            logs["grad_norm_sit"] = backend.clip_grad_norm("sit", config.max_grad_norm).detach()
-            backend.step("sit")
-            backend.zero_grad("sit")
-            update_ema(self.ema, sit_module, config.ema_decay)
+            self._update(logs, ("sit",))
         backend.end_micro_step()
-        logs.update(sit_loss=sit_loss.detach(), denoising_loss=denoising.detach(), proj_loss=out["proj_loss"].detach())
         return logs
