@@ -70,8 +70,11 @@ class _UpdateMixin:
     only, as in the official run."""
 
     last_fault: Optional[str] = None
+    inject_fault: Optional[str] = None  # tests: the name of a loss to treat as NaN
 
     def _check_finite(self, name: str, value: torch.Tensor) -> bool:
+        if name == self.inject_fault:
+            value = value.detach() * float("nan")
         if self.backend.all_finite([value]):
             return True
         self.last_fault = name

@@ -236,14 +236,16 @@ def parse_enc_type(enc_type: str, resolution: int = 256) -> List[EncoderSpec]:
         if architecture != "vit" or config.lower() not in DINOV2_ARCHS:
             raise ValueError(f"unknown DINOv2 architecture {entry!r}; use vit-s, vit-b, vit-l or vit-g")
         specs.append(EncoderSpec(encoder_type, architecture, config.lower()))
-    if resolution not in (256, 512):
-        raise ValueError(f"resolution must be 256 or 512, got {resolution}")
+    if resolution % 16 or resolution < 32:
+        raise ValueError(f"resolution must be a multiple of 16 (>= 32) for DINOv2 targets, got {resolution}")
     return specs
 
 
 def preprocess_raw_image(images: torch.Tensor, encoder_type: str, resolution: int = 256) -> torch.Tensor:
     """uint8 [N,3,H,W] -> encoder input (R36): /255, ImageNet normalisation, THEN bicubic
-    resize to 224*(res//256) (no antialias, align_corners False, no clamping)."""
+    resize to 224*(res//256) (no antialias, align_corners False, no clamping). Written as
+    14*(res//16), which is the same at 256 and 512 px and keeps one encoder token per SiT
+    token at the small resolutions of the demo and the tests."""
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
     if not encoder_type.startswith("dinov2"):
@@ -252,7 +254,7 @@ def preprocess_raw_image(images: torch.Tensor, encoder_type: str, resolution: in
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
-    return F.interpolate(x, 224 * (resolution // 256), mode="bicubic")
+    return F.interpolate(x, 14 * (resolution // 16), mode="bicubic")
 
 
 class RepresentationEncoder(nn.Module):
@@ -308,7 +310,7 @@ def load_encoders(
     specs = parse_enc_type(enc_type, resolution)
     if checkpoint_paths is not None and len(checkpoint_paths) != len(specs):
         raise ValueError(f"{len(specs)} encoders in {enc_type!r} but {len(checkpoint_paths)} checkpoint paths")
-    grid = 16 * (resolution // 256)
+    grid = resolution // 16  # 16x16 at 256 px, 32x32 at 512 px
     encoders = []
     for index, spec in enumerate(specs):
         path = checkpoint_paths[index] if checkpoint_paths and checkpoint_paths[index] else None
