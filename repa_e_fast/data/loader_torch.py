@@ -1,0 +1,80 @@
+"""PyTorch fallback loader: PIL decoding and the ADM crop in DataLoader worker processes.
+
+One DataLoader item is one whole batch, addressed by ``(epoch, batch)``: the worker
+computes the batch's indices from the shared ``SampleOrder``, so it can also pick the
+deterministic replacement for a bad image (the next good image of the permutation)
+without asking the main process. Workers are persistent across epochs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils.data
+
+from .decode import decode_batch
+from .loader import ImageLoaderBase
+
+__all__ = ["TorchImageLoader"]
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    def __init__(self, source, order, resolution: int, hflip: bool):
+        self.source = source
+        self.order = order
+        self.resolution = resolution
+        self.hflip = hflip
+
+    def __getitem__(self, key):
+        epoch, batch = key
+        images, labels, indices, events = decode_batch(
+            self.source, self.order, epoch, batch, self.resolution, self.hflip
+        )
+        return (torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(indices),
+                [tuple(e) for e in events])
+
+
+class _CursorSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, batch)`` from the loader's cursor to the end of the epoch."""
+
+    def __init__(self, loader: "TorchImageLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        epoch, start = self.loader.epoch, self.loader.position
+        return iter([(epoch, batch) for batch in range(start, self.loader.order.num_batches)])
+
+    def __len__(self):
+        return self.loader.order.num_batches - self.loader.position
+
+
+class TorchImageLoader(ImageLoaderBase):
+    backend = "torch"
+
+    def __init__(self, source, order, *, num_workers: int = 2, resolution: int, device,
+                 hflip: bool, return_indices: bool):
+        super().__init__(source, order, resolution=resolution, device=device, hflip=hflip,
+                         return_indices=return_indices)
+        self.num_workers = int(num_workers)
+        self._pin = self.device.type == "cuda"
+        self._dataloader = torch.utils.data.DataLoader(
+            _BatchDataset(source, order, self.resolution, self.hflip),
+            batch_size=None,  # items are already batches
+            sampler=_CursorSampler(self),
+            num_workers=self.num_workers,
+            pin_memory=self._pin,
+            persistent_workers=self.num_workers > 0,
+            prefetch_factor=2 if self.num_workers > 0 else None,
+        )
+
+    def _batches(self, start: int):
+        assert start == self.position
+        for images, labels, indices, events in self._dataloader:
+            if self.device.type != "cpu":
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                indices = indices.to(self.device, non_blocking=True)
+            yield images, labels, indices, events
+
+    def close(self) -> None:
+        # Dropping the DataLoader's iterator shuts persistent workers down.
+        self._dataloader._iterator = None

@@ -1,0 +1,89 @@
+"""Which images go into which batch: the sample order shared by every loader.
+
+Per epoch, one permutation of all dataset indices, a function of ``(seed, epoch)`` only
+(``records.epoch_permutation``: the same order as the record store, identical on every
+rank). With ``B`` the per-rank batch and ``W`` the world size, global batch ``k`` is
+``perm[k*B*W : (k+1)*B*W]`` and rank ``r`` gets the slice ``[r*B : (r+1)*B]`` of it, so a
+1-rank loader with batch ``2b`` yields ``concat(rank 0, rank 1)`` of a 2-rank loader
+with batch ``b``. ``drop_last=True`` drops the incomplete last global batch; with
+``drop_last=False`` its ``R`` samples are split as ``ceil(R/W)`` per rank, wrapping to
+the start of the permutation (fewer than ``W`` repeats) so that every rank runs the same
+number of batches (as ``RecordReader`` does).
+
+Bad images: the sample at permutation position ``p`` that cannot be decoded is replaced
+by the first good image at positions ``p+1, p+2, ...`` (mod N) of the same epoch's
+permutation. This is deterministic (same replacement in every run, on every loader) and
+keeps batch shapes fixed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .records import epoch_permutation
+
+__all__ = ["SampleOrder", "MAX_CONSECUTIVE_BAD"]
+
+# A run of this many unreadable images in a row means the dataset itself is broken.
+MAX_CONSECUTIVE_BAD = 1000
+
+
+class SampleOrder:
+    def __init__(self, num_images: int, batch_size: int, rank: int, world_size: int,
+                 seed: int, shuffle: bool, drop_last: bool):
+        self.num_images = int(num_images)
+        self.batch_size = int(batch_size)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        global_batch = self.batch_size * self.world_size
+        self.full_batches = self.num_images // global_batch
+        self.tail = self.num_images - self.full_batches * global_batch
+        self.num_batches = self.full_batches + (1 if self.tail and not self.drop_last else 0)
+        self._cached_epoch = None
+        self._perm = None
+        self._flips = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        self._ensure(epoch)
+        return self._perm
+
+    def flips(self, epoch: int) -> np.ndarray:
+        """uint8 [N]: whether the sample at each permutation position is flipped."""
+        self._ensure(epoch)
+        if self._flips is None:
+            rng = np.random.default_rng([self.seed, epoch, 0x666C6970])  # "flip"
+            self._flips = rng.integers(0, 2, self.num_images, dtype=np.uint8)
+        return self._flips
+
+    def _ensure(self, epoch: int) -> None:
+        if self._cached_epoch != epoch:
+            if self.shuffle:
+                self._perm = epoch_permutation(self.num_images, self.seed, epoch)
+            else:
+                self._perm = np.arange(self.num_images, dtype=np.int64)
+            self._flips = None
+            self._cached_epoch = epoch
+
+    def batch_positions(self, batch: int) -> np.ndarray:
+        """Permutation positions of this rank's batch ``batch`` (int64)."""
+        if not 0 <= batch < self.num_batches:
+            raise IndexError(f"batch {batch} not in [0, {self.num_batches})")
+        B, W, r = self.batch_size, self.world_size, self.rank
+        if batch < self.full_batches:
+            start = batch * B * W + r * B
+            return np.arange(start, start + B, dtype=np.int64)
+        k = -(-self.tail // W)  # ceil(R / W) per rank
+        start = self.full_batches * B * W + r * k
+        return np.arange(start, start + k, dtype=np.int64) % self.num_images
+
+    def batch_indices(self, epoch: int, batch: int) -> np.ndarray:
+        return self.permutation(epoch)[self.batch_positions(batch)]
+
+    def candidates(self, epoch: int, position: int):
+        """Dataset indices to try for the slot at ``position``: itself, then replacements."""
+        perm = self.permutation(epoch)
+        for step in range(min(MAX_CONSECUTIVE_BAD, self.num_images)):
+            yield int(perm[(position + step) % self.num_images])
