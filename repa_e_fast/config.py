@@ -76,7 +76,7 @@ class TrainConfig:
     allow_random_lpips: bool = False  # demo only
     # -- data ---------------------------------------------------------------------------
     data_dir: str = "data"
-    latents_path: Optional[str] = None  # LDM mode: the record file written by cache_latents
+    latents_path: Optional[str] = None  # LDM mode: the directory written by repa_e_fast.cache_latents
     demo_dataset: bool = False  # generate the embedded demo dataset and train on it
     resolution: int = 256
     batch_size: int = 256  # GLOBAL batch (all ranks, one micro-step)
@@ -249,6 +249,8 @@ def make_config(values: Dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"unknown config key '{unknown[0]}'{_did_you_mean(unknown[0])}")
     coerced = {}
     for name, value in values.items():
+        if isinstance(value, str) and value.lower() in ("none", "null") and "Optional" in str(FIELDS[name].type):
+            value = None  # --vae-ckpt none
         default = FIELDS[name].default
         if value is not None and isinstance(default, (int, float)) and not isinstance(default, bool):
             try:
@@ -312,7 +314,7 @@ def validate_values(config: TrainConfig) -> None:
     if kwargs["hidden_size"] % kwargs["num_heads"]:
         raise ConfigError(f"hidden_size {kwargs['hidden_size']} is not divisible by num_heads {kwargs['num_heads']}")
     if config.train_mode == "ldm" and not config.latents_path:
-        raise ConfigError("train_mode ldm needs latents_path (the record file written by repa_e_fast.cache_latents)")
+        raise ConfigError("train_mode ldm needs latents_path (the directory written by repa_e_fast.cache_latents)")
     if config.zero_stage is not None and config.zero_stage not in (0, 1, 2):
         raise ConfigError(f"zero_stage must be 0, 1 or 2, got {config.zero_stage}")
     if config.fault_injection is not None and not isinstance(config.fault_injection, dict):
@@ -358,7 +360,7 @@ def validate_files(config: TrainConfig) -> None:
         if config.vae_ckpt:
             need(config.vae_ckpt, "VAE checkpoint (vae_ckpt)")
             need(config.latents_stats_path(), "latent statistics of the VAE")
-    if not config.demo_dataset:
+    if not config.demo_dataset and config.train_mode == "repae":
         need(config.data_dir, "dataset (data_dir)")
     if config.init_from:
         need(config.init_from, "checkpoint to start from (init_from)")

@@ -35,7 +35,7 @@ from repa_e_fast.engine.checkpoint import (CheckpointManager, CheckpointWriteErr
                                           rng_state, set_rng_state, verify_checkpoint)
 from repa_e_fast.engine.ema import update_ema
 from repa_e_fast.engine.reporting import MetricsLogger, plot_loss_curves, read_metrics, save_image_grid
-from repa_e_fast.engine.step import REPAEStep, StepConfig
+from repa_e_fast.engine.step import LDMStep, REPAEStep, StepConfig
 from repa_e_fast.engine.sync_batchnorm import convert_to_global_batchnorm
 
 EXIT_OK = 0
@@ -151,12 +151,19 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, torch.nn.Mo
     ema = copy.deepcopy(sit).requires_grad_(False)  # taken before the BN initialisation (spec §2.1 step 5)
 
     vae = build_vae(config.vae, ch=config.vae_ch, fused_ops=config.fused_ops)
+    ldm = config.train_mode == "ldm"
     if config.vae_ckpt:
         load_weights(vae, config.vae_ckpt, name=f"VAE {config.vae}")
         stats = load_latents_stats(config.latents_stats_path())
         sit.init_bn(stats["latents_scale"], stats["latents_bias"])
     elif runtime.is_main:
-        warnings.warn("vae_ckpt is null: training starts from a RANDOM VAE with identity latent statistics")
+        warnings.warn("vae_ckpt is null: a RANDOM VAE with identity latent statistics")
+    if ldm:
+        # LDM-only (spec §9.1): frozen VAE (sample grids only), BN fixed, pos_embed frozen.
+        update_ema(ema, sit, decay=0.0)
+        vae.eval().requires_grad_(False)
+        sit.to(device)
+        return {"encoders": encoders, "ema": ema.to(device), "sit": sit, "vae": vae.to(device)}
 
     if config.loss_cfg_path:
         import yaml
@@ -197,7 +204,7 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, torch.nn.Mo
 
 
 def build_backend(config: TrainConfig, runtime: Runtime, models: Dict[str, torch.nn.Module], micro_batch: int):
-    trainable = {k: models[k] for k in ("sit", "vae", "disc")}
+    trainable = {k: models[k] for k in (("sit",) if config.train_mode == "ldm" else ("sit", "vae", "disc"))}
     lrs = {"sit": config.learning_rate, "vae": config.vae_learning_rate, "disc": config.disc_learning_rate}
     adam = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                 weight_decay=config.adam_weight_decay)
@@ -234,21 +241,20 @@ class Progress:
 
 
 def official_payload(config, models, backend, progress: Progress, with_optimizers=True) -> dict:
-    payload = {
-        "model": backend.unwrap("sit").state_dict(),
-        "ema": models["ema"].state_dict(),
-        "vae": backend.unwrap("vae").state_dict(),
-        "discriminator": backend.unwrap("disc").discriminator.state_dict(),
-        "args": config.official_args(),
-        "steps": progress.step,
-    }
+    payload = {"model": backend.unwrap("sit").state_dict(), "ema": models["ema"].state_dict()}
+    if config.train_mode == "repae":
+        payload.update(vae=backend.unwrap("vae").state_dict(),
+                       discriminator=backend.unwrap("disc").discriminator.state_dict())
+    payload.update(args=config.official_args(), steps=progress.step)
     optimizers = None
     if isinstance(backend, SingleProcessBackend):
         optimizers = {k: o.state_dict() for k, o in backend.optimizers.items()}
     elif with_optimizers:
         optimizers = backend.full_optimizer_state_dicts()
     if optimizers is not None:
-        payload.update(opt=optimizers["sit"], opt_vae=optimizers["vae"], opt_disc=optimizers["disc"])
+        payload["opt"] = optimizers["sit"]
+        if config.train_mode == "repae":
+            payload.update(opt_vae=optimizers["vae"], opt_disc=optimizers["disc"])
     return payload
 
 
@@ -260,8 +266,9 @@ def save_checkpoint(manager: CheckpointManager, config, runtime, models, backend
         payload = official_payload(config, models, backend, progress)  # collective under ZeRO
         if runtime.is_main:
             torch.save(payload, directory / "official.pt")
-            loss_state = {k: v for k, v in backend.unwrap("disc").state_dict().items()
-                          if not k.startswith(("perceptual_loss.", "discriminator."))}
+            loss_state = {} if config.train_mode == "ldm" else {
+                k: v for k, v in backend.unwrap("disc").state_dict().items()
+                if not k.startswith(("perceptual_loss.", "discriminator."))}
             backend_state = {k: v for k, v in backend.state_dict().items() if k != "optimizers"} \
                 if isinstance(backend, SingleProcessBackend) else {}
             torch.save({"format": 1, "progress": vars(progress), "loader": loader.state_dict(),
@@ -298,14 +305,17 @@ def load_checkpoint(path: Path, config, runtime, models, backend, loader) -> Pro
     trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     load_state_dict_strict(backend.unwrap("sit"), official["model"], f"SiT from {path}")
     load_state_dict_strict(models["ema"], official["ema"], f"EMA from {path}")
-    load_state_dict_strict(backend.unwrap("vae"), official["vae"], f"VAE from {path}")
-    load_state_dict_strict(backend.unwrap("disc").discriminator, official["discriminator"], f"discriminator from {path}")
-    backend.unwrap("disc").load_state_dict(trainer["loss_module"], strict=False)
+    names = {"sit": "opt"}
+    if config.train_mode == "repae":
+        load_state_dict_strict(backend.unwrap("vae"), official["vae"], f"VAE from {path}")
+        load_state_dict_strict(backend.unwrap("disc").discriminator, official["discriminator"],
+                               f"discriminator from {path}")
+        backend.unwrap("disc").load_state_dict(trainer["loss_module"], strict=False)
+        names.update(vae="opt_vae", disc="opt_disc")
     if runtime.backend == "deepspeed":
         backend.load_checkpoint(path / "deepspeed")
     else:
-        backend.load_state_dict({"optimizers": {"sit": official["opt"], "vae": official["opt_vae"],
-                                                "disc": official["opt_disc"]}, **trainer["backend"]})
+        backend.load_state_dict({"optimizers": {k: official[v] for k, v in names.items()}, **trainer["backend"]})
     loader.load_state_dict(trainer["loader"])
     rng_file = path / "rng" / f"rank{runtime.rank:05d}.pt"
     if trainer["world_size"] == runtime.world_size and rng_file.is_file():
@@ -342,7 +352,7 @@ def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: in
     untouched, so sampling never changes the run)."""
     from repa_e_fast.sampling import denormalize_latents, euler_sampler
 
-    ema, vae = models["ema"], backend.unwrap("vae")
+    ema, vae = models["ema"], models["vae"]
     count = config.sample_grid_size
     generator = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(count, config.latent_channels, config.latent_size, config.latent_size, generator=generator)
@@ -394,8 +404,6 @@ def reduce_logs(logs: Dict[str, torch.Tensor], runtime: Runtime) -> Dict[str, fl
 def train(config: TrainConfig, runtime: Runtime) -> int:
     micro_batch = validate_world(config, runtime.world_size)
     validate_files(config)
-    if config.train_mode != "repae":
-        raise ConfigError("train_mode ldm is run by the LDM trainer: python -m repa_e_fast.train_ldm")
     seed_everything(config.seed + runtime.rank)
     experiment = config.experiment_dir
     if runtime.is_main:
@@ -403,15 +411,23 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
         import json
 
         (experiment / "args.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-    loader = build_loader(config, runtime, micro_batch)
+    if config.train_mode == "ldm":
+        from repa_e_fast.data.cached_latents import CachedLatentLoader
+
+        loader = CachedLatentLoader(config.latents_path, micro_batch, rank=runtime.rank,
+                                    world_size=runtime.world_size, seed=config.seed, device=runtime.device)
+    else:
+        loader = build_loader(config, runtime, micro_batch)
     log(runtime, f"{runtime.backend} backend, {runtime.world_size} rank(s) on {runtime.device}; "
                  f"{loader.num_images} images, {loader.num_classes} classes, {len(loader)} batches/epoch/rank")
     models = build_models(config, runtime)
     backend = build_backend(config, runtime, models, micro_batch)
-    step_fn = REPAEStep(backend, models["ema"], StepConfig(
+    step_config = StepConfig(
         path_type=config.path_type, weighting=config.weighting, proj_coeff=config.proj_coeff,
         vae_align_proj_coeff=config.vae_align_proj_coeff, max_grad_norm=config.max_grad_norm,
-        ema_decay=config.ema_decay), encoders=models["encoders"])
+        ema_decay=config.ema_decay)
+    step_cls = LDMStep if config.train_mode == "ldm" else REPAEStep
+    step_fn = step_cls(backend, models["ema"], step_config, encoders=models["encoders"])
 
     manager = CheckpointManager(experiment / "checkpoints", keep_last=config.keep_last_checkpoints)
     resume_from = choose_resume(config, manager)
@@ -441,10 +457,15 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
     window_start, window_images = time.perf_counter(), 0
     try:
         while progress.step < config.max_train_steps and loader.epoch < config.epochs:
-            for images, labels in loader:
+            for batch in loader:
                 sync = backend.sync_step
                 step_fn.inject_fault = injection.get("loss") if progress.step in inject_steps else None
-                logs = step_fn(images, labels, progress.step)
+                if config.train_mode == "ldm":
+                    moments, images, labels = batch
+                    logs = step_fn(moments, labels, images=images)
+                else:
+                    images, labels = batch
+                    logs = step_fn(images, labels, progress.step)
                 window_images += images.shape[0] * runtime.world_size
                 if step_fn.last_fault is not None:
                     progress.skipped_steps += 1
@@ -471,9 +492,9 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
                     window_start, window_images = time.perf_counter(), 0
                     if logger is not None:
                         logger.log(progress.step, values)
-                        bar.set_postfix(sit=f"{values.get('sit_loss', math.nan):.4f}",
-                                        vae=f"{values.get('vae_loss', math.nan):.4f}",
-                                        img_s=f"{values['images_per_sec']:.1f}", refresh=False)
+                        shown = {short: f"{values[key]:.4f}" for key, short in
+                                 (("sit_loss", "sit"), ("vae_loss", "vae"), ("d_loss", "d")) if key in values}
+                        bar.set_postfix(**shown, img_s=f"{values['images_per_sec']:.1f}", refresh=False)
                 if bar is not None:
                     bar.update(1)
                 if runtime.is_main and (progress.step == 1 or progress.step % config.sampling_steps == 0):

@@ -64,6 +64,10 @@ class TorchImageLoader(ImageLoaderBase):
             pin_memory=self._pin,
             persistent_workers=self.num_workers > 0,
             prefetch_factor=2 if self.num_workers > 0 else None,
+            # Its own generator: creating an iterator draws a worker seed, which must not
+            # consume the global torch RNG that the training step draws t and noise from
+            # (exact resume depends on it).
+            generator=torch.Generator(),
         )
 
     def _batches(self, start: int):
