@@ -55,7 +55,7 @@ class ImageLoaderBase:
         self._epoch = 0
         self._position = 0  # batches of the current epoch already handed out
         self._seen: dict = {"bad": set(), "converted": set(), "small": set()}
-        self._replaced = 0
+        self._skipped = 0  # times an unusable image was met (and skipped)
         self._fallback_batches = 0
         self._generation = 0  # bumped by load_state_dict: a running loop stops
 
@@ -153,7 +153,7 @@ class ImageLoaderBase:
         for event in events:
             event = Event(*event)
             if event.kind == "bad":
-                self._replaced += 1
+                self._skipped += 1
             seen = self._seen[event.kind]
             if event.index in seen:
                 continue
@@ -168,12 +168,13 @@ class ImageLoaderBase:
 
     @property
     def stats(self) -> dict:
-        """Counters: distinct files skipped / converted / upscaled, slots refilled, etc."""
+        """Counters: distinct files skipped (bad_images), converted, smaller than the crop;
+        skipped_reads counts every time an unusable image was met (each epoch)."""
         return {
             "bad_images": len(self._seen["bad"]),
             "converted_images": len(self._seen["converted"]),
             "small_images": len(self._seen["small"]),
-            "replaced_samples": self._replaced,
+            "skipped_reads": self._skipped,
             "empty_class_dirs": len(self.source.empty_class_dirs),
             "cpu_fallback_batches": self._fallback_batches,
         }

@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import io
+import weakref
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -56,11 +57,18 @@ except ImportError:
         "(or use backend='torch')"
     ) from None
 
-__all__ = ["DaliImageLoader", "HALVING_STAGES"]
+__all__ = ["DaliImageLoader"]
 
-# Halving stages in the graph: exact for a short side < 2**2 * 2R (2048 px at R=256).
-# Larger images get their remaining halvings folded into the antialiased cubic resize.
-HALVING_STAGES = 2
+# BOX-halving stages in a new graph: one covers short sides < 4R (1024 px at R=256),
+# most of ImageNet. An image that needs more makes the loader rebuild its pipeline
+# with enough stages (once), so every image gets exactly PIL's sequence of halvings.
+INITIAL_HALVING_STAGES = 1
+
+
+class _NeedMoreHalvings(Exception):
+    def __init__(self, stages: int):
+        super().__init__(f"an image needs {stages} halving stages")
+        self.stages = stages
 
 
 class _Sample(NamedTuple):
@@ -121,7 +129,7 @@ def _halving_pieces(n: int, halve: bool) -> tuple:
     return (split // 2, 0, split), (m - split // 2, split + n % 2, n)
 
 
-def _adm_arguments(width: int, height: int, res: int) -> list:
+def _adm_arguments(width: int, height: int, res: int, stages: int) -> list:
     """Per-sample sizes and ROIs (float32 [2] arrays, (y, x) order) for the crop graph.
 
     Order: for each halving stage, the x pass then the y pass, each as two pieces of
@@ -129,9 +137,11 @@ def _adm_arguments(width: int, height: int, res: int) -> list:
     cubic y pass (roi_start, roi_end).
     """
     geometry = adm_geometry(width, height, res)
+    if len(geometry.halvings) > stages:
+        raise _NeedMoreHalvings(len(geometry.halvings))
     w, h = width, height
     args = []
-    for k in range(HALVING_STAGES):
+    for k in range(stages):
         halve = k < len(geometry.halvings)
         for length, start, end in _halving_pieces(w, halve):  # x pass, height unchanged
             args += [np.array([h, length], np.float32), np.array([0, start], np.float32),
@@ -141,9 +151,8 @@ def _adm_arguments(width: int, height: int, res: int) -> list:
             args += [np.array([length, w], np.float32), np.array([start, 0], np.float32),
                      np.array([end, w], np.float32)]
         h = h // 2 if halve else h
-    # Cubic resize of the (halved) w x h image to the scaled size, cropped: only the
-    # input ROI that maps onto the crop window is resampled. (Halvings beyond
-    # HALVING_STAGES are folded into this antialiased resize, same geometry.)
+    # Cubic resize of the halved w x h image to the scaled size, cropped: only the
+    # input ROI that maps onto the crop window is resampled.
     sx, sy = w / geometry.scaled[0], h / geometry.scaled[1]
     left, top = geometry.left, geometry.top
     args += [np.array([h, res], np.float32), np.array([0, left * sx], np.float32),
@@ -152,7 +161,8 @@ def _adm_arguments(width: int, height: int, res: int) -> list:
     return args
 
 
-ADM_ARGUMENTS = HALVING_STAGES * 2 * 6 + 5
+def _adm_argument_count(stages: int) -> int:
+    return stages * 2 * 6 + 5
 
 
 def _halving_pass(images, args, axis: int):
@@ -170,7 +180,7 @@ class _Feeder:
     """DALI's external source: the inputs of one batch per call, from a cursor onward."""
 
     def __init__(self, loader: "DaliImageLoader", epoch: int, batch: int):
-        self.loader = loader
+        self._loader = weakref.ref(loader)  # no loader <-> pipeline cycle: freed promptly
         self.next = (epoch, batch)
         self.fed: collections.deque = collections.deque()
         self.error: Optional[Exception] = None
@@ -180,16 +190,17 @@ class _Feeder:
         return (self.fed[0].epoch, self.fed[0].batch) if self.fed else self.next
 
     def __call__(self):
-        loader = self.loader
+        loader = self._loader()
         epoch, batch = self.next
         try:
             samples, fed = loader._screen_batch(epoch, batch)
-        except DatasetError as exc:  # DALI wraps callback errors: keep the original
+            inputs = loader._pipeline_inputs(fed, samples)
+        except (DatasetError, _NeedMoreHalvings) as exc:  # DALI wraps callback errors
             self.error = exc
             raise
         self.fed.append(fed)
         self.next = (epoch, batch + 1) if batch + 1 < loader.order.num_batches else (epoch + 1, 0)
-        return loader._pipeline_inputs(fed, samples)
+        return inputs
 
 
 class DaliImageLoader(ImageLoaderBase):
@@ -207,6 +218,7 @@ class DaliImageLoader(ImageLoaderBase):
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.num_threads)
         self._pipe = None
         self._feeder: Optional[_Feeder] = None
+        self._halving_stages = INITIAL_HALVING_STAGES
 
     # ---------------------------------------------------------------- screening (CPU)
 
@@ -283,7 +295,7 @@ class DaliImageLoader(ImageLoaderBase):
         outputs = [encoded, [np.int32(f) for f in flips]]
         if not self.crop_on_device:
             return tuple(outputs)
-        per_sample = [_adm_arguments(s.size[0], s.size[1], res) for s in samples]
+        per_sample = [_adm_arguments(s.size[0], s.size[1], res, self._halving_stages) for s in samples]
         # Transpose to one list per pipeline input.
         outputs += [[args[i] for args in per_sample] for i in range(len(per_sample[0]))]
         return tuple(outputs)
@@ -295,7 +307,8 @@ class DaliImageLoader(ImageLoaderBase):
         self._feeder = _Feeder(self, epoch, batch)
         on_gpu = self.device.type == "cuda"
         res = self.resolution
-        num_inputs = 2 + (ADM_ARGUMENTS if self.crop_on_device else 0)
+        stages = self._halving_stages
+        num_inputs = 2 + (_adm_argument_count(stages) if self.crop_on_device else 0)
         feeder = self._feeder
         crop = self.crop_on_device
 
@@ -311,10 +324,10 @@ class DaliImageLoader(ImageLoaderBase):
             )
             if crop:
                 args = inputs[2:]
-                for k in range(HALVING_STAGES):
+                for k in range(stages):
                     images = _halving_pass(images, args[12 * k : 12 * k + 6], axis=1)  # HWC: x
                     images = _halving_pass(images, args[12 * k + 6 : 12 * k + 12], axis=0)  # y
-                x_size, x_start, x_end, y_start, y_end = args[12 * HALVING_STAGES :]
+                x_size, x_start, x_end, y_start, y_end = args[12 * stages :]
                 cubic = types.DALIInterpType.INTERP_CUBIC
                 images = _round_to_uint8(fn.resize(
                     images, size=x_size, roi_start=x_start, roi_end=x_end, interp_type=cubic,
@@ -339,21 +352,26 @@ class DaliImageLoader(ImageLoaderBase):
         return torch.from_numpy(np.array(tensor))  # copy: DALI reuses its buffers
 
     def _batches(self, start: int):
-        epoch = self.epoch
-        for batch in range(start, self.order.num_batches):
+        epoch, batch = self.epoch, start
+        while batch < self.order.num_batches:
             if self._pipe is None or self._feeder.head() != (epoch, batch):
                 self._build(epoch, batch)
             try:
                 (output,) = self._pipe.run()
                 fed = self._feeder.fed.popleft()
                 images = self._to_torch(output)
-                events = fed.events
             except Exception:
-                if self._feeder.error is not None:
-                    raise self._feeder.error from None
+                error = self._feeder.error
+                self._pipe = None
+                if isinstance(error, _NeedMoreHalvings):
+                    # A larger image than any before: rebuild with more stages and redo
+                    # the batches the old pipeline had in flight.
+                    self._halving_stages = error.stages
+                    continue
+                if error is not None:
+                    raise error from None
                 # DALI could not decode something the screening let through: do this
                 # batch on the CPU and restart the pipeline after it.
-                self._pipe = None
                 self._fallback_batches += 1
                 array, labels, indices, events = decode_batch(
                     self.source, self.order, epoch, batch, self.resolution, self.hflip)
@@ -365,7 +383,8 @@ class DaliImageLoader(ImageLoaderBase):
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
                 indices = indices.to(self.device, non_blocking=True)
-            yield images, labels, indices, events
+            yield images, labels, indices, fed.events
+            batch += 1
 
     def close(self) -> None:
         self._pipe = None

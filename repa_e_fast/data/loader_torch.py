@@ -8,6 +8,8 @@ without asking the main process. Workers are persistent across epochs.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.utils.data
 
@@ -37,14 +39,18 @@ class _CursorSampler(torch.utils.data.Sampler):
     """Yields ``(epoch, batch)`` from the loader's cursor to the end of the epoch."""
 
     def __init__(self, loader: "TorchImageLoader"):
-        self.loader = loader
+        # A weak reference: a loader <-> DataLoader cycle would leave the workers' shutdown
+        # to the cyclic GC, which closes their queues first and then waits 5 s per worker.
+        self._loader = weakref.ref(loader)
 
     def __iter__(self):
-        epoch, start = self.loader.epoch, self.loader.position
-        return iter([(epoch, batch) for batch in range(start, self.loader.order.num_batches)])
+        loader = self._loader()
+        epoch, start = loader.epoch, loader.position
+        return iter([(epoch, batch) for batch in range(start, loader.order.num_batches)])
 
     def __len__(self):
-        return self.loader.order.num_batches - self.loader.position
+        loader = self._loader()
+        return loader.order.num_batches - loader.position
 
 
 class TorchImageLoader(ImageLoaderBase):
@@ -71,7 +77,8 @@ class TorchImageLoader(ImageLoaderBase):
         )
 
     def _batches(self, start: int):
-        assert start == self.position
+        if self._dataloader is None:
+            raise ValueError("the image loader is closed")
         for images, labels, indices, events in self._dataloader:
             if self.device.type != "cpu":
                 images = images.to(self.device, non_blocking=True)
@@ -80,5 +87,5 @@ class TorchImageLoader(ImageLoaderBase):
             yield images, labels, indices, events
 
     def close(self) -> None:
-        # Dropping the DataLoader's iterator shuts persistent workers down.
-        self._dataloader._iterator = None
+        # The last reference to the DataLoader: its iterator shuts the workers down.
+        self._dataloader = None
