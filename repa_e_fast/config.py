@@ -52,7 +52,7 @@ class TrainConfig:
     resume_step: int = 0  # official flag: resume from <output>/<exp>/checkpoints/<step:07d>
     init_from: Optional[str] = None  # an official single-file checkpoint to start from (weights + optimizers)
     max_consecutive_faults: int = 20
-    fault_injection: Optional[Dict[str, Any]] = None  # tests only: {"loss": "sit_loss", "steps": [..]}
+    fault_injection: Optional[Dict[str, Any]] = None  # tests only: {loss: sit_loss, steps: [..], count: 1}
     # -- model --------------------------------------------------------------------------
     model: str = "SiT-XL/2"
     model_overrides: Dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 2, hidden_size: 64}

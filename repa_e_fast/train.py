@@ -446,7 +446,8 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
 
     preemption = PreemptionFlag()
     injection = config.fault_injection or {}
-    inject_steps = set(injection.get("steps", []))
+    inject_steps = set(injection.get("steps", []))  # tests: poison `count` attempts at these steps
+    injected: Dict[int, int] = {}
     bar = None
     if runtime.is_main:
         from tqdm import tqdm
@@ -459,7 +460,10 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
         while progress.step < config.max_train_steps and loader.epoch < config.epochs:
             for batch in loader:
                 sync = backend.sync_step
-                step_fn.inject_fault = injection.get("loss") if progress.step in inject_steps else None
+                poison = progress.step in inject_steps and injected.get(progress.step, 0) < injection.get("count", 1)
+                step_fn.inject_fault = injection.get("loss") if poison else None
+                if poison:
+                    injected[progress.step] = injected.get(progress.step, 0) + 1
                 if config.train_mode == "ldm":
                     moments, images, labels = batch
                     logs = step_fn(moments, labels, images=images)

@@ -149,7 +149,7 @@ class CheckpointManager:
         _barrier()
         try:
             write(tmp)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
             failure = error
         failure = _any_rank_failed(failure)
         if failure is None and _is_main():
