@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("samples", help="generated samples: .npz with arr_0 = uint8 [N,H,W,3]")
     parser.add_argument("reference", help="reference batch: .npz with arr_0 images and/or mu, sigma, mu_s, sigma_s")
     parser.add_argument("--inception", default=None,
-                        help="pt_inception-2015-12-05-6726825d.pth (default: pretrained/pt_inception-2015-12-05-6726825d.pth)")
+                        help="Inception weights file (default: pretrained/pt_inception-2015-12-05-6726825d.pth)")
     parser.add_argument("--batch-size", type=int, default=100, help="images per Inception forward")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--is-split-size", type=int, default=5000, help="Inception Score split size (ADM: 5000)")

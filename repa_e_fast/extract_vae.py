@@ -54,7 +54,8 @@ def vae_layout(vae_state: Dict[str, torch.Tensor], checkpoint: Dict, source: str
 def extract_vae(checkpoint_path: str, save_dir: str, name: str, with_discriminator: bool = True) -> Dict[str, str]:
     """Write the E2E-VAE files; returns their paths by kind (vae, latents_stats, discriminator)."""
     checkpoint = read_checkpoint(checkpoint_path)
-    vae_state = checkpoint_entry(checkpoint, "vae", checkpoint_path, "not a REPA-E checkpoint: LDM-only runs have no VAE")
+    vae_state = checkpoint_entry(checkpoint, "vae", checkpoint_path,
+                                 "not a REPA-E checkpoint: LDM-only runs have no VAE")
     ema = checkpoint_entry(checkpoint, "ema", checkpoint_path, "the latent statistics come from the EMA BatchNorm")
     for key in ("bn.running_mean", "bn.running_var"):
         if key not in ema:
@@ -69,7 +70,9 @@ def extract_vae(checkpoint_path: str, save_dir: str, name: str, with_discriminat
     load_vae(layout, vae_state, f"{checkpoint_path}['vae']")
     channels = ema["bn.running_var"].numel()
     if channels != VAE_LAYOUTS[layout]["embed_dim"]:
-        raise ValueError(f"EMA BatchNorm has {channels} channels, the {layout} VAE has {VAE_LAYOUTS[layout]['embed_dim']}")
+        raise ValueError(
+            f"EMA BatchNorm has {channels} channels, the {layout} VAE has {VAE_LAYOUTS[layout]['embed_dim']}"
+        )
 
     out_dir = os.path.join(save_dir, name)
     os.makedirs(out_dir, exist_ok=True)

@@ -8,7 +8,7 @@ Writes ``<sample-dir>/<exp_name>_<step>_cfg<w>-<low>-<high>/<index:06d>.png`` an
 ``.npz`` beside that folder (``arr_0``: uint8 [N, H, W, 3]) that the ADM evaluation suite and
 ``repa_e_fast.evaluate`` read; if that ``.npz`` already exists nothing is loaded or sampled.
 
-Semantics kept from the official script (so the same seed gives the same images on CUDA):
+Semantics kept from the official script (same seeds, draws and indices as spec §8.4):
 - the SiT is built from the run's arguments (``args.json`` or the checkpoint's ``args``); the
   encoder types only give the projector widths (no encoder weights are read); the
   checkpoint's ``ema`` is loaded strictly and put in eval mode;
@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 
 from .models.checkpoints import (
     CheckpointError,
@@ -121,7 +122,10 @@ def run_arguments(checkpoint: Dict, checkpoint_path: str, args_json: Optional[st
         if not os.path.isfile(args_json):
             raise FileNotFoundError(f"args file not found: {args_json}")
         with open(args_json) as handle:
-            arguments, source = json.load(handle), args_json
+            try:
+                arguments, source = json.load(handle), args_json
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{args_json} is not valid JSON: {error}") from None
     elif "args" in checkpoint:
         arguments, source = checkpoint["args"], f"{checkpoint_path}['args']"
         arguments = vars(arguments) if isinstance(arguments, argparse.Namespace) else arguments
@@ -196,7 +200,8 @@ def load_vae_and_latent_stats(
     vae_path = vae_ckpt or run_args["vae_ckpt"]
     if not vae_path:
         raise CheckpointError(
-            f"{checkpoint_path} has no 'vae' entry (LDM-only run) and the run arguments name no vae_ckpt: pass --vae-ckpt"
+            f"{checkpoint_path} has no 'vae' entry (LDM-only run) and the run arguments name no vae_ckpt: "
+            "pass --vae-ckpt"
         )
     stats_path = latents_stats_path(vae_path)
     for path in (vae_path, stats_path):
@@ -207,7 +212,9 @@ def load_vae_and_latent_stats(
     shape = (1, model.in_channels, 1, 1)
     for name in ("latents_scale", "latents_bias"):
         if stats[name].numel() != model.in_channels:
-            raise CheckpointError(f"{stats_path}: {name} has {stats[name].numel()} channels, the SiT has {model.in_channels}")
+            raise CheckpointError(
+                f"{stats_path}: {name} has {stats[name].numel()} channels, the SiT has {model.in_channels}"
+            )
     return vae, stats["latents_scale"].reshape(shape), stats["latents_bias"].reshape(shape)
 
 
@@ -270,7 +277,8 @@ def class_balanced_labels(num_samples: int, num_classes: int, seed: int) -> torc
     times, shuffled by a CPU generator seeded with ``seed`` (identical on every rank)."""
     if num_samples % num_classes:
         raise ValueError(
-            f"--class-balanced needs --num-fid-samples ({num_samples}) divisible by the number of classes ({num_classes})"
+            f"--class-balanced needs --num-fid-samples ({num_samples}) divisible by the number of classes "
+            f"({num_classes})"
         )
     labels = torch.arange(num_classes).repeat_interleave(num_samples // num_classes)
     return labels[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))]
@@ -294,8 +302,6 @@ def decode_to_uint8(vae, latents: torch.Tensor, latents_scale, latents_bias) -> 
 @torch.no_grad()
 def generate_on_rank(run: LoadedRun, folder: str, options, rank: int, world_size: int, device) -> List[int]:
     """Sample and save this rank's PNGs; returns the global indices written."""
-    from tqdm import tqdm
-
     model, n = run.model, options.pproc_batch_size
     latent_size = model.x_embedder.input_size
     balanced = (
@@ -424,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--pproc-batch-size", type=int, default=256, help="images per process per iteration")
     sampling.add_argument("--global-seed", type=int, default=0)
     sampling.add_argument("--class-balanced", action="store_true",
-                          help="exactly num_fid_samples / num_classes images per class (not in the official script)")
+                          help="exactly num_fid_samples / num_classes images per class, shuffled "
+                          "(default: uniform random labels, as in the spec's official script)")
     output = parser.add_argument_group("output and precision")
     output.add_argument("--sample-dir", default="samples")
     output.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
@@ -436,8 +443,9 @@ def main(argv=None) -> int:
     options = build_parser().parse_args(argv)
     try:
         check_options(options)
-        folder = sample_folder(options.sample_dir, run_name_from_paths(options.ckpt, options.exp_path, options.train_steps),
-                               options.cfg_scale, options.guidance_low, options.guidance_high, options.class_balanced)
+        name = run_name_from_paths(options.ckpt, options.exp_path, options.train_steps)
+        folder = sample_folder(options.sample_dir, name, options.cfg_scale, options.guidance_low,
+                               options.guidance_high, options.class_balanced)
         if os.path.exists(f"{folder}.npz"):
             # Checked before anything is loaded (the official script loads the model first).
             print(f"Skipping sampling: {folder}.npz already exists.")
@@ -446,7 +454,9 @@ def main(argv=None) -> int:
         if options.class_balanced:
             class_balanced_labels(options.num_fid_samples, run.model.num_classes, options.global_seed)
         if options.cfg_scale > 1 and run.model.y_embedder.embedding_table.num_embeddings <= run.model.num_classes:
-            raise ValueError("--cfg-scale > 1 needs a model trained with label dropout (cfg_prob > 0): it has no null class")
+            raise ValueError(
+                "--cfg-scale > 1 needs a model trained with label dropout (cfg_prob > 0): it has no null class"
+            )
     except (OSError, ValueError) as error:  # CheckpointError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -464,7 +474,8 @@ def main(argv=None) -> int:
     if distributed:
         dist.barrier()  # the folder exists before any rank writes into it
 
-    print(f"rank={rank} world_size={world_size} seed={rank_seed(options.global_seed, rank, world_size)} device={device}")
+    seed = rank_seed(options.global_seed, rank, world_size)
+    print(f"rank={rank} world_size={world_size} seed={seed} device={device}")
     generate_on_rank(run, folder, options, rank, world_size, device)
     if distributed:
         dist.barrier()  # every PNG is on disk before rank 0 reads them back

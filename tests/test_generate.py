@@ -70,8 +70,11 @@ def repae_run(run_files):
     return generate.load_run(None, str(run_files.exp), "5", None, None)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
+    """One torch thread, as each torchrun worker has (OMP_NUM_THREADS=1): the in-process runs
+    then reproduce the subprocesses' arithmetic, and the shared 2-core machine is not
+    oversubscribed."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -208,8 +211,7 @@ def test_checkpoint_errors(run_files, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------
 # Outputs: one process (CLI) == in-process; torchrun with 2 ranks == the per-rank plan
 # ----------------------------------------------------------------------------------------
-def test_single_process_cli_writes_pngs_and_npz_and_skips_when_done(run_files, repae_run, tmp_path, one_thread,
-                                                                     capsys):
+def test_single_process_cli_writes_pngs_and_npz_and_skips_when_done(run_files, repae_run, tmp_path, capsys):
     flags = ["--num-fid-samples", "5", "--pproc-batch-size", "4", "--num-steps", "2", "--mode", "sde",
              "--cfg-scale", "2.0", "--guidance-high", "0.7"]
     command = [sys.executable, "-m", "repa_e_fast.generate", "--exp-path", str(run_files.exp), "--train-steps", "5",
@@ -239,11 +241,12 @@ def test_single_process_cli_writes_pngs_and_npz_and_skips_when_done(run_files, r
     assert not (folder / "000000.png").exists()
 
 
-def test_torchrun_two_ranks_class_balanced(run_files, repae_run, tmp_path, one_thread):
+def test_torchrun_two_ranks_class_balanced(run_files, repae_run, tmp_path):
     flags = ["--num-fid-samples", "10", "--pproc-batch-size", "3", "--num-steps", "2", "--cfg-scale", "1.0",
              "--class-balanced", "--global-seed", "5"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "repa_e_fast.generate", "--ckpt", str(run_files.ckpt), "--sample-dir", str(tmp_path / "ddp")] + flags
+               "-m", "repa_e_fast.generate", "--ckpt", str(run_files.ckpt),
+               "--sample-dir", str(tmp_path / "ddp")] + flags
     result = subprocess.run(command, capture_output=True, text=True, env=single_threaded_env(), timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     folder = tmp_path / "ddp" / "exp-run_0000005_cfg1.0-0.0-1.0-balanced"
