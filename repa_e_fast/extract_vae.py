@@ -116,7 +116,9 @@ def main(argv: Optional[list] = None) -> int:
         if args.exp_path:
             if args.train_steps is None:
                 raise ValueError("--exp-path needs --train-steps")
-            checkpoint_path = os.path.join(args.exp_path, "checkpoints", str(args.train_steps).zfill(7) + ".pt")
+            from .engine.checkpoint import official_checkpoint_file
+
+            checkpoint_path = official_checkpoint_file(args.exp_path, args.train_steps)
         else:
             checkpoint_path = args.ckpt
         paths = extract_vae(checkpoint_path, args.save_dir, args.name, with_discriminator=args.discriminator)

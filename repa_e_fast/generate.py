@@ -106,13 +106,16 @@ def checkpoint_entry(checkpoint: Dict, key: str, path: str, why: str) -> Dict[st
 
 
 def experiment_paths(exp_path: str, train_steps) -> Tuple[str, str]:
-    """Official layout: ``<exp>/args.json`` and ``<exp>/checkpoints/<steps zero-padded to 7>.pt``."""
+    """Official layout: ``<exp>/args.json`` and ``<exp>/checkpoints/<steps zero-padded to 7>.pt``
+    (or a repa_e_fast run's ``checkpoints/<steps>/official.pt``)."""
     if not os.path.isdir(exp_path):
         raise FileNotFoundError(f"experiment directory not found: {exp_path}")
     args_json = os.path.join(exp_path, "args.json")
     if not os.path.isfile(args_json):
         raise FileNotFoundError(f"{args_json} not found (an experiment directory holds args.json and checkpoints/)")
-    return os.path.join(exp_path, "checkpoints", str(train_steps).zfill(7) + ".pt"), args_json
+    from .engine.checkpoint import official_checkpoint_file
+
+    return official_checkpoint_file(exp_path, train_steps), args_json
 
 
 def run_arguments(checkpoint: Dict, checkpoint_path: str, args_json: Optional[str]) -> Dict:
@@ -155,8 +158,7 @@ def build_sit_for_run(run_args: Dict) -> SiT:
     resolution = int(run_args["resolution"])
     if resolution % downsample:
         raise ValueError(f"resolution {resolution} is not divisible by the {layout} VAE's factor {downsample}")
-    return build_sit(
-        run_args["model"],
+    kwargs = dict(
         input_size=resolution // downsample,
         in_channels=VAE_LAYOUTS[layout]["embed_dim"],
         num_classes=int(run_args["num_classes"]),
@@ -168,6 +170,8 @@ def build_sit_for_run(run_args: Dict) -> SiT:
         fused_attn=bool(run_args["fused_attn"]),
         projector_dim=int(run_args["projector_dim"]),
     )
+    kwargs.update(run_args.get("model_overrides") or {})  # repa_e_fast runs: demo / test model sizes
+    return build_sit(run_args["model"], **kwargs)
 
 
 def load_vae(layout: str, state_dict: Dict[str, torch.Tensor], source: str) -> AutoencoderKL:

@@ -145,3 +145,32 @@ def test_ldm_training_on_cached_latents(tmp_path):
     assert set(official) == {"model", "ema", "opt", "args", "steps"}  # the official LDM-only layout
     first = json.loads((tmp_path / "ldm" / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert {"sit_loss", "denoising_loss", "proj_loss", "grad_norm_sit"} <= set(first)
+
+
+def test_generate_and_extract_vae_read_a_training_run(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from _train_helpers import train_env
+
+    assert run_train(tmp_path, "--max-train-steps", 2, "--checkpointing-steps", 2).returncode == 0
+    experiment = tmp_path / "run"
+    generated = subprocess.run(
+        [sys.executable, "-m", "repa_e_fast.generate", "--exp-path", str(experiment), "--train-steps", "2",
+         "--num-fid-samples", "4", "--pproc-batch-size", "4", "--num-steps", "2", "--sample-dir", str(tmp_path / "s")],
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    samples = np.load(tmp_path / "s" / "run_0000002_cfg1.5-0.0-1.0.npz")["arr_0"]
+    assert samples.shape == (4, 32, 32, 3) and samples.dtype == np.uint8
+    extracted = subprocess.run(
+        [sys.executable, "-m", "repa_e_fast.extract_vae", "--exp-path", str(experiment), "--train-steps", "2",
+         "--save-dir", str(tmp_path / "vae"), "--name", "e2e"],
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert extracted.returncode == 0, extracted.stderr[-3000:]
+    official = load_official(tmp_path, 2)
+    vae_state = torch.load(tmp_path / "vae" / "e2e" / "e2e.pt", weights_only=True)
+    assert all(torch.equal(vae_state[k], official["vae"][k]) for k in official["vae"])
+    stats = torch.load(tmp_path / "vae" / "e2e" / "e2e-latents-stats.pt", weights_only=True)
+    assert torch.allclose(stats["latents_bias"].flatten(), official["ema"]["bn.running_mean"])

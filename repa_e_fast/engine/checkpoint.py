@@ -251,3 +251,12 @@ def atomic_torch_save(obj, path: Path) -> None:
     torch.save(obj, tmp)
     _fsync_file(tmp)
     os.replace(tmp, path)
+
+
+def official_checkpoint_file(exp_path, train_steps: int) -> str:
+    """The single-file checkpoint of step ``train_steps`` in an experiment directory: the
+    official layout ``checkpoints/<step:07d>.pt``, or ours ``checkpoints/<step:07d>/official.pt``."""
+    name = f"{int(train_steps):07d}"
+    official = os.path.join(exp_path, "checkpoints", name + ".pt")
+    ours = os.path.join(exp_path, "checkpoints", name, "official.pt")
+    return ours if not os.path.isfile(official) and os.path.isfile(ours) else official
