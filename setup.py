@@ -49,6 +49,7 @@ setup(
         "pyyaml",
         "tqdm",
         "safetensors",
+        "scipy",
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
@@ -57,7 +58,19 @@ setup(
         "deepspeed": ["deepspeed"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
-        "test": ["pytest", "pytest-timeout"],
+        "h5": ["h5py"],
+        "logging": ["tensorboard", "wandb"],
+        # CI installs everything the tests exercise on a CPU: DeepSpeed (CPU accelerator),
+        # DALI (CPU-only pipelines), h5py (the official images.h5 layout).
+        "test": ["pytest", "pytest-timeout", "deepspeed", "nvidia-dali-cuda120", "h5py"],
     },
-    entry_points={"console_scripts": ["repa-e-parity=repa_e_fast.parity:main"]},
+    entry_points={"console_scripts": [
+        "repa-e-parity=repa_e_fast.parity:main",
+        "repa-e-train=repa_e_fast.train:main",
+        "repa-e-generate=repa_e_fast.generate:main",
+        "repa-e-evaluate=repa_e_fast.evaluate:main",
+        "repa-e-extract-vae=repa_e_fast.extract_vae:main",
+        "repa-e-cache-latents=repa_e_fast.cache_latents:main",
+        "repa-e-prepare=repa_e_fast.data.prepare:main",
+    ]},
 )
