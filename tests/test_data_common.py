@@ -7,49 +7,12 @@ import json
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 from repa_e_fast.data.crop import adm_center_crop
+from repa_e_fast.data.demo import render_photo_like as natural_image  # noqa: F401 (re-export)
 
 RES = 32  # tests crop to 32 px: small images, fast pipelines
-
-
-def natural_image(width: int, height: int, seed: int) -> Image.Image:
-    """A synthetic photograph-like image: smooth colour fields, shapes (edges), blur, noise.
-
-    There are no real photographs on the test machine; this has the ingredients that
-    matter for a resampling comparison (smooth areas, sharp edges, fine texture).
-    """
-    rng = np.random.default_rng(seed)
-    # Smooth colour fields are computed at 1/4 size and upsampled (they are smooth).
-    small_w, small_h = max(1, width // 4), max(1, height // 4)
-    x = np.arange(small_w, dtype=np.float32)[None, :]
-    y = np.arange(small_h, dtype=np.float32)[:, None]
-    channels = []
-    for _ in range(3):
-        channel = np.full((small_h, small_w), rng.uniform(60, 190), np.float32)
-        for _ in range(4):
-            fx, fy = rng.uniform(0.5, 4, 2) / max(small_w, small_h)
-            amplitude, phase = rng.uniform(20, 50), rng.uniform(0, 6.3)
-            channel += amplitude * np.sin(2 * np.pi * (fx * x + fy * y) + phase)
-        channels.append(channel)
-    field = np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
-    image = Image.fromarray(field).resize((width, height), Image.BILINEAR)
-    draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(5, 15))):
-        x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
-        s = rng.uniform(0.05, 0.4) * min(width, height)
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        if rng.random() < 0.5:
-            draw.ellipse([x0, y0, x0 + s, y0 + s * rng.uniform(0.5, 1.5)], fill=colour)
-        else:
-            draw.polygon([(x0 + rng.uniform(-s, s), y0 + rng.uniform(-s, s)) for _ in range(3)], fill=colour)
-    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
-    # Fine texture: uniform integer noise (cheap for multi-megapixel images).
-    k = int(rng.integers(4, 13))
-    noise = rng.integers(0, 2 * k + 1, (height, width, 3), dtype=np.uint8).astype(np.int16) - k
-    pixels = np.asarray(image).astype(np.int16) + noise
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:

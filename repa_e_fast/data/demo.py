@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["ensure_demo_dataset", "default_cache_dir", "DEMO_SHAPES"]
+__all__ = ["ensure_demo_dataset", "default_cache_dir", "render_photo_like", "DEMO_SHAPES"]
 
 DEMO_VERSION = 1
 DEMO_SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "stripes",
@@ -150,3 +150,42 @@ def ensure_demo_dataset(root: Optional[os.PathLike] = None, num_classes: int = 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def render_photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """A synthetic photograph-like image: smooth colour fields, shapes (edges), blur, noise.
+
+    For crop-fidelity tests and loader benchmarks where no real photographs are at hand:
+    it has what matters to resampling and decoding (smooth areas, sharp edges, fine
+    texture). Deterministic in its arguments.
+    """
+    rng = np.random.default_rng(seed)
+    # Smooth colour fields are computed at 1/4 size and upsampled (they are smooth).
+    small_w, small_h = max(1, width // 4), max(1, height // 4)
+    x = np.arange(small_w, dtype=np.float32)[None, :]
+    y = np.arange(small_h, dtype=np.float32)[:, None]
+    channels = []
+    for _ in range(3):
+        channel = np.full((small_h, small_w), rng.uniform(60, 190), np.float32)
+        for _ in range(4):
+            fx, fy = rng.uniform(0.5, 4, 2) / max(small_w, small_h)
+            amplitude, phase = rng.uniform(20, 50), rng.uniform(0, 6.3)
+            channel += amplitude * np.sin(2 * np.pi * (fx * x + fy * y) + phase)
+        channels.append(channel)
+    field = np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
+    image = Image.fromarray(field).resize((width, height), Image.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(5, 15))):
+        x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
+        s = rng.uniform(0.05, 0.4) * min(width, height)
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse([x0, y0, x0 + s, y0 + s * rng.uniform(0.5, 1.5)], fill=colour)
+        else:
+            draw.polygon([(x0 + rng.uniform(-s, s), y0 + rng.uniform(-s, s)) for _ in range(3)], fill=colour)
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    # Fine texture: uniform integer noise (cheap for multi-megapixel images).
+    k = int(rng.integers(4, 13))
+    noise = rng.integers(0, 2 * k + 1, (height, width, 3), dtype=np.uint8).astype(np.int16) - k
+    pixels = np.asarray(image).astype(np.int16) + noise
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))

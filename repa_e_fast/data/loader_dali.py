@@ -59,10 +59,11 @@ except ImportError:
 
 __all__ = ["DaliImageLoader"]
 
-# BOX-halving stages in a new graph: one covers short sides < 4R (1024 px at R=256),
-# most of ImageNet. An image that needs more makes the loader rebuild its pipeline
-# with enough stages (once), so every image gets exactly PIL's sequence of halvings.
-INITIAL_HALVING_STAGES = 1
+# BOX-halving stages in a new graph. An image that needs more makes the loader rebuild
+# its pipeline with enough stages (once per new maximum; ImageNet at 256 px ends at 1-3
+# within the first batches), so every image gets PIL's sequence of halvings, and images
+# that need fewer pass the extra stages as identities.
+INITIAL_HALVING_STAGES = 0
 
 
 class _NeedMoreHalvings(Exception):
@@ -158,11 +159,13 @@ def _adm_arguments(width: int, height: int, res: int, stages: int) -> list:
     args += [np.array([h, res], np.float32), np.array([0, left * sx], np.float32),
              np.array([h, (left + res) * sx], np.float32)]
     args += [np.array([top * sy, 0], np.float32), np.array([(top + res) * sy, res], np.float32)]
+    # Per stage: does this image take it? (DALI conditionals skip the stage otherwise.)
+    args += [np.array(k < len(geometry.halvings)) for k in range(stages)]
     return args
 
 
 def _adm_argument_count(stages: int) -> int:
-    return stages * 2 * 6 + 5
+    return stages * 2 * 6 + 5 + stages
 
 
 def _halving_pass(images, args, axis: int):
@@ -314,7 +317,8 @@ class DaliImageLoader(ImageLoaderBase):
 
         @pipeline_def(batch_size=self.order.batch_size, num_threads=self.num_threads,
                       device_id=(self.device.index or 0) if on_gpu else None,
-                      prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+                      prefetch_queue_depth=self.prefetch, exec_dynamic=True,
+                      enable_conditionals=True)
         def graph():
             inputs = fn.external_source(source=feeder, num_outputs=num_inputs, batch=True)
             encoded, flips = inputs[0], inputs[1]
@@ -324,10 +328,13 @@ class DaliImageLoader(ImageLoaderBase):
             )
             if crop:
                 args = inputs[2:]
+                takes_stage = args[12 * stages + 5 :]
                 for k in range(stages):
-                    images = _halving_pass(images, args[12 * k : 12 * k + 6], axis=1)  # HWC: x
-                    images = _halving_pass(images, args[12 * k + 6 : 12 * k + 12], axis=0)  # y
-                x_size, x_start, x_end, y_start, y_end = args[12 * stages :]
+                    # Per-sample branch: only the images that need this halving run it.
+                    if takes_stage[k]:
+                        images = _halving_pass(images, args[12 * k : 12 * k + 6], axis=1)  # HWC: x
+                        images = _halving_pass(images, args[12 * k + 6 : 12 * k + 12], axis=0)  # y
+                x_size, x_start, x_end, y_start, y_end = args[12 * stages : 12 * stages + 5]
                 cubic = types.DALIInterpType.INTERP_CUBIC
                 images = _round_to_uint8(fn.resize(
                     images, size=x_size, roi_start=x_start, roi_end=x_end, interp_type=cubic,
