@@ -211,8 +211,9 @@ def build_backend(config: TrainConfig, runtime: Runtime, models: Dict[str, torch
     if runtime.backend == "deepspeed":
         from repa_e_fast.engine.backend_deepspeed import DeepSpeedBackend, load_deepspeed_config
 
+        default_template = {"bf16": "zero2_bf16.json", "fp16": "zero2_fp16.json", "fp32": "zero0_fp32.json"}
         template = config.deepspeed_config or str(Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
-                                                  / f"zero2_{'bf16' if config.precision == 'bf16' else config.precision}.json")
+                                                  / default_template[config.precision])
         ds_config = load_deepspeed_config(template, precision=config.precision, micro_batch_size=micro_batch,
                                           gradient_accumulation_steps=config.gradient_accumulation_steps,
                                           max_grad_norm=config.max_grad_norm, world_size=runtime.world_size)
