@@ -151,16 +151,18 @@ def codec_table(folder: str, res: int, count: int) -> list:
             crops.append(adm_center_crop(image.convert("RGB"), res))
     rows = []
     for name, fmt, options in CODECS:
-        start = time.perf_counter()
-        encoded = []
-        for crop in crops:
-            buffer = io.BytesIO()
-            crop.save(buffer, format=fmt, **options)
-            encoded.append(buffer.getvalue())
-        encode_ms = (time.perf_counter() - start) / len(crops) * 1e3
-        start = time.perf_counter()
-        decoded = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in encoded]
-        decode_ms = (time.perf_counter() - start) / len(crops) * 1e3
+        encode_ms = decode_ms = float("inf")
+        for _ in range(3):  # best of 3: the machine may be shared
+            start = time.perf_counter()
+            encoded = []
+            for crop in crops:
+                buffer = io.BytesIO()
+                crop.save(buffer, format=fmt, **options)
+                encoded.append(buffer.getvalue())
+            encode_ms = min(encode_ms, (time.perf_counter() - start) / len(crops) * 1e3)
+            start = time.perf_counter()
+            decoded = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in encoded]
+            decode_ms = min(decode_ms, (time.perf_counter() - start) / len(crops) * 1e3)
         error = np.mean([np.abs(d.astype(int) - np.asarray(c).astype(int)).mean() for d, c in zip(decoded, crops)])
         rows.append({"codec": name, "kib_per_image": float(np.mean([len(e) for e in encoded]) / 1024),
                      "encode_ms": encode_ms, "pil_decode_ms": decode_ms, "mean_abs_error": float(error)})

@@ -22,10 +22,16 @@ centre crop; PIL resamples separably, horizontal pass first, rounding to uint8 a
 each pass. The pipeline reproduces that pass by pass with per-sample sizes computed on
 the CPU (``adm_geometry``): a BOX halving of an even side is exactly a linear resize
 without antialiasing at scale 2 (the average of two pixels), computed in float and
-rounded half up like PIL; the bicubic step is two antialiased cubic resizes (x then y)
-whose input ROI is the crop window, so the crop costs nothing. Halving stages an image
-does not need are identity resizes. Measured against PIL on the CPU backend the mean
-absolute difference is ~0.002 grey levels (see tests/test_data_dali.py).
+rounded half up like PIL (odd sides: see ``_halving_pieces``); the bicubic step is two
+antialiased cubic resizes (x then y) whose input ROI is the crop window, so the crop
+costs nothing. Halving stages are per-sample conditionals (``enable_conditionals``): an
+image runs only the halvings it needs, and the graph gets more stages when an image
+needs more. Measured against PIL on the CPU backend the mean absolute difference is
+~0.004 grey levels (tests/test_data_dali.py, benchmarks/bench_data.py). Residuals: PIL's
+fixed-point weights (a few pixels off by 1), odd sides (one line per halving), and
+recent Pillow releases that run the vertical pass first for some tall images (classic
+Pillow, and this graph, always go horizontal first): ~25% of those images' pixels
+differ by 1.
 """
 
 from __future__ import annotations
@@ -121,7 +127,8 @@ def _halving_pieces(n: int, halve: bool) -> tuple:
     exact (pairs averaged). For odd ``n`` PIL averages pairs up to the middle of the
     axis, one triple there, then pairs again one pixel further on; we skip that middle
     pixel instead, so exactly one output line differs (it averages two pixels, not
-    three). ``halve=False``: an identity, still cut in two pieces so the graph is fixed.
+    three). ``halve=False``: placeholder arguments (an identity) for an image that skips
+    the stage.
     """
     if not halve:
         return (n - 1, 0, n - 1), (1, n - 1, n)
@@ -316,7 +323,7 @@ class DaliImageLoader(ImageLoaderBase):
         crop = self.crop_on_device
 
         @pipeline_def(batch_size=self.order.batch_size, num_threads=self.num_threads,
-                      device_id=(self.device.index or 0) if on_gpu else None,
+                      device_id=self._cuda_index() if on_gpu else None,
                       prefetch_queue_depth=self.prefetch, exec_dynamic=True,
                       enable_conditionals=True)
         def graph():
@@ -347,6 +354,9 @@ class DaliImageLoader(ImageLoaderBase):
 
         self._pipe = graph()
         self._pipe.build()
+
+    def _cuda_index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def _to_torch(self, output) -> torch.Tensor:
         tensor = output.as_tensor()
