@@ -74,6 +74,9 @@ RUNS = {
     "ds_zero2_accum": Run("deepspeed", "zero2_bf16.json", accumulation=2, micro_batches=4),
     "ds_zero1_skip": Run("deepspeed", "zero1_bf16.json", fault=1),
     "ds_zero2_skip": Run("deepspeed", "zero2_bf16.json", fault=1),
+    # A fault on the first micro-step of a window: the gradients ZeRO accumulated must go too.
+    "ds_zero1_accum_skip": Run("deepspeed", "zero1_bf16.json", accumulation=2, micro_batches=4, fault=0),
+    "ds_zero2_accum_skip": Run("deepspeed", "zero2_bf16.json", accumulation=2, micro_batches=4, fault=0),
     # The templates as they are. Low precision is compared on the first step only (same
     # weights, so only autocast rounding differs); after an update Adam amplifies it.
     "ds_zero1_bf16": Run("deepspeed", "zero1_bf16.json", precision="bf16", micro_batches=2),

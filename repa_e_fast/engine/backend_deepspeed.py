@@ -9,12 +9,20 @@ Precision. The weights, gradients and Adam states stay fp32 (the official policy
 ``torch_autocast`` section, never DeepSpeed's native "bf16"/"fp16" modes, which cast the
 weights to half precision and would feed fp32 images to a half discriminator inside the
 fp32 loss module. fp16 uses ONE dynamic loss scale shared by the three engines, as the
-official run (``SharedLossScaler``): DeepSpeed alone keeps one scaler per engine.
+official run (``SharedLossScaler``), set on each ZeRO optimizer as DeepSpeed's external loss
+scale; DeepSpeed alone would keep one scaler per engine (see the constructor).
 
 Gradient accumulation. DeepSpeed decides "is this micro-step the boundary" from a counter
 it advances in ``engine.step()``. The backend therefore calls ``engine.step()`` (or, for a
 dropped micro-step, advances the same counters) exactly once per engine per micro-step, so
 ``sync_step`` and every engine's boundary agree; ``end_micro_step`` checks it.
+
+Faults. A non-finite loss (checked on all ranks before each backward) makes the step call
+``skip``: the backend drops the gradients every engine accumulated in the window (ZeRO keeps
+them in its own buffers, not only in ``param.grad``) without an update. A non-finite
+gradient norm is known only inside ZeRO's ``step()``, which then skips that engine's update
+(its overflow path) while the other engines apply theirs; at stage 0 ``clip_grad_norm``
+returns the norm, so the step skips every model, as with DDP.
 """
 
 import contextlib
@@ -135,11 +143,11 @@ def _prologue_in_own_backward_only(engine) -> None:
     """An engine's forward hooks its outputs so that a backward through them runs the
     engine's backward prologue (and, under ZeRO, queues its gradient reduction for the end
     of that backward). The loss module's engine is also called in the generator role, with a
-    frozen discriminator, and that output feeds the VAE loss: DeepSpeed would then run the
-    discriminator engine's prologue and reduction inside the VAE's backward (ZeRO-2: an
-    IndexError on never-allocated buckets; ZeRO-1/2 with accumulation: the accumulated
-    gradients consumed early; stage 0: "Direct calls to tensor.backward() are not
-    supported"). Gate the prologue to the engine's own ``engine.backward``."""
+    frozen discriminator, and that output feeds the VAE loss: DeepSpeed 0.19.8 then runs the
+    discriminator engine's prologue and reduction inside the VAE's backward, and fails
+    (tried: ZeRO-1/2 "IndexError: list index out of range" in reduce_ipg_grads, on buckets
+    that no gradient of that engine ever filled; stage 0 "Direct calls to tensor.backward()
+    are not supported"). Gate the prologue to the engine's own ``engine.backward``."""
     prologue = engine._backward_prologue
 
     def gated():
@@ -212,9 +220,13 @@ class DeepSpeedBackend:
             with _scalars_as_vectors(module):
                 engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=copy.deepcopy(self.config))
             if self.scaler is not None:
-                # With torch_autocast fp16 DeepSpeed gives each ZeRO optimizer its own torch
-                # GradScaler; the shared scale replaces it (override_loss_scale = DeepSpeed's
-                # external loss scale, which its step unscales before clipping).
+                # With torch_autocast fp16, DeepSpeed gives each ZeRO optimizer its own torch
+                # GradScaler, and in 0.19.8 that is wrong twice (tried): ZeRO clips and reports
+                # the norm of the still-scaled gradients (2^16 times too large), and an
+                # overflow returns before GradScaler.update(), so the scale never backs off and
+                # that model never updates again. Use DeepSpeed's external loss scale
+                # (override_loss_scale), which ZeRO divides out before clipping, with ONE
+                # scale shared by the three engines, as the official run.
                 engine.optimizer.torch_autocast_gradscaler = None
                 engine.optimizer.override_loss_scale(self.scaler.get_scale())
             _prologue_in_own_backward_only(engine)
