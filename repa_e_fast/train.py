@@ -98,6 +98,12 @@ def setup_runtime(config: TrainConfig, launcher_local_rank: Optional[int]) -> Ru
             import deepspeed
         except ImportError:
             raise ConfigError("backend deepspeed needs DeepSpeed: pip install 'repa_e_fast[deepspeed]'") from None
+        if device.type == "cpu":
+            # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce meant for
+            # inference (~100 s on 2 cores) when communication starts; training never uses it.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=comm)
     elif backend == "ddp":
         dist.init_process_group(comm)

@@ -80,10 +80,10 @@ class _UpdateMixin:
         self.last_fault = name
         return False
 
-    def _give_up(self, logs, backwarded: Sequence[str]):
-        # Gradients of the models already back-propagated in this accumulation window are
-        # dropped with the step, on every rank (all_finite agreed on the fault).
-        for name in backwarded:
+    def _give_up(self, logs, names: Sequence[str]):
+        # The gradients every model accumulated in this window are dropped, on every rank
+        # (all_finite agreed on the fault), so no backend carries a partial window over.
+        for name in names:
             self.backend.skip(name)
         self.backend.end_micro_step()
         return logs
@@ -170,7 +170,7 @@ class REPAEStep(_UpdateMixin):
         logs.update(vae_loss=vae_total.detach(), vae_align_loss=align["proj_loss"].detach(),
                     **{k: v.detach() for k, v in vae_loss_dict.items() if k != "total_loss"})
         if not self._check_finite("vae_loss", vae_total):
-            return self._give_up(logs, ("vae",))
+            return self._give_up(logs, ("vae", "disc", "sit"))
         if keep_intermediate:
             z.retain_grad()
             posterior.parameters.retain_grad()
@@ -188,7 +188,7 @@ class REPAEStep(_UpdateMixin):
         logs.update(d_loss=d_loss.detach(),
                     **{k: v.detach() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
         if not self._check_finite("d_loss", d_loss):
-            return self._give_up(logs, ("vae", "disc"))
+            return self._give_up(logs, ("vae", "disc", "sit"))
         backend.backward("disc", d_loss)
 
         # (C) SiT on the detached latent, train mode, same t and noise as (A) (R3).
