@@ -375,7 +375,9 @@ def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: in
     images = vae.decode(z).sample
     vae.train(was_training)
     images = torch.clamp(255 * (images + 1) / 2, 0, 255).to(torch.uint8)  # official truncating cast
-    return save_image_grid(images, directory / f"samples_{step:07d}.png")
+    # Labels cycle through the classes, so with a multiple of num_classes each column is one class.
+    columns = config.num_classes if count % config.num_classes == 0 and config.num_classes <= 16 else None
+    return save_image_grid(images, directory / f"samples_{step:07d}.png", columns=columns)
 
 
 # ---------------------------------------------------------------------------------------
