@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .backends import PRECISIONS, SharedLossScaler
+from .backends import PRECISIONS, SharedLossScaler, autocast_for
 
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 _DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
@@ -249,10 +249,7 @@ class DeepSpeedBackend:
         return self.scaler is None
 
     def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast_for(self.precision, self.device)
 
     def backward(self, name: str, loss: torch.Tensor) -> None:
         engine = self.models[name]

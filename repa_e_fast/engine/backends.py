@@ -24,6 +24,15 @@ import torch.nn as nn
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def autocast_for(precision: str, device: torch.device):
+    """Forward-pass autocast of a precision mode: none for fp32, bf16/fp16 autocast otherwise
+    (weights, gradients and optimizer states stay fp32 in every mode)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 class SharedLossScaler:
     """Dynamic fp16 loss scale shared by the three optimizers, with the official run's
     arithmetic (spec §2.4): start 2^16, x0.5 on an overflow, x2 after 2000 clean updates,
@@ -101,10 +110,7 @@ class SingleProcessBackend:
         return self.scaler is None
 
     def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast_for(self.precision, self.device)
 
     def backward(self, name: str, loss: torch.Tensor) -> None:
         loss = loss / self.gradient_accumulation_steps
