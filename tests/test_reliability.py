@@ -23,17 +23,28 @@ def _start(output_dir, *extra):
 
 
 def test_kill_9_at_random_points_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
-    steps = ("--max-train-steps", 6, "--checkpointing-steps", 1)
+    steps = ("--max-train-steps", 8, "--checkpointing-steps", 1)
     reference = tmp_path / "reference"
     assert run_train(reference, *steps).returncode == 0
     victim = tmp_path / "victim"
+    metrics = victim / "run" / "metrics.jsonl"
+    manager = CheckpointManager(victim / "run" / "checkpoints")
     rng = random.Random(0)
     kills = 0
     for attempt in range(12):
+        good = manager.latest_good()
+        resumed_at = int(good.name) if good else 0
         process = _start(victim, *steps, "--resume", "auto")
-        if attempt < 3:
-            # Kill somewhere in start-up, a step, or a checkpoint write (one is written every step).
-            time.sleep(rng.uniform(5.0, 9.0))
+        if kills < 3:
+            # Kill a few steps after this attempt's start, at a random moment: inside a step or
+            # inside a checkpoint write (one is written after every step).
+            goal = resumed_at + rng.randint(1, 2)
+            deadline = time.time() + 240
+            while process.poll() is None and time.time() < deadline:
+                if metrics.is_file() and len(metrics.read_text().splitlines()) >= goal:
+                    break
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.4))
             if process.poll() is None:
                 process.kill()
                 kills += 1
@@ -41,10 +52,10 @@ def test_kill_9_at_random_points_then_resume_auto_matches_an_uninterrupted_run(t
         if process.returncode == 0:
             break
         assert process.returncode == -signal.SIGKILL, output[-2000:]
-        good = CheckpointManager(victim / "run" / "checkpoints").latest_good()
+        good = manager.latest_good()
         assert good is None or verify_checkpoint(good) is None  # whatever was killed, what is left is whole
-    assert kills >= 1 and process.returncode == 0
-    assert_same_weights(load_official(reference, 6), load_official(victim, 6))
+    assert kills >= 2 and process.returncode == 0
+    assert_same_weights(load_official(reference, 8), load_official(victim, 8))
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_75(tmp_path):
