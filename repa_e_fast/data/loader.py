@@ -101,7 +101,8 @@ class ImageLoaderBase:
             self._position = 0
 
     def _batches(self, start: int):
-        raise NotImplementedError
+        # The one abstract hook of the base class (see the class docstring).
+        raise NotImplementedError(f"{type(self).__name__} must implement _batches(start)")
 
     # ---------------------------------------------------------------- state
 
