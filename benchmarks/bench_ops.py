@@ -1,21 +1,39 @@
-"""Benchmark the fused ops against PyTorch eager and torch.compile, in one run.
+"""Benchmark the fused ops against PyTorch eager, torch.compile and third-party kernels.
 
     python benchmarks/bench_ops.py                   # paper shapes on the GPU
     python benchmarks/bench_ops.py --smoke           # tiny shapes, CPU interpreter, < 60 s
-    python benchmarks/bench_ops.py --ops groupnorm --no-compile
+    python benchmarks/bench_ops.py --ops groupnorm --no-compile --gn-batches 32
+
+Shapes: SiT-XL/2 (B=32, T=256, D=1152) for the adaLN / gated-residual ops, B x 256 x 768
+for the REPA loss, and every distinct GroupNorm input shape of the f8d4 and f16d32 VAEs at
+256 px (recorded from the models themselves, ``vae_gn_shapes``) at each ``--gn-batches``
+batch size, NCHW and channels_last.
 
 For every case: a correctness check of our op against the float64 reference at the
 benchmark shape (fp32 inputs; max abs error of the output and of every gradient), then
-median times (``triton.testing.do_bench``) of the forward and of forward+backward for
-ours / eager / ``torch.compile(eager)``. Bandwidth is reported against the *minimal*
-bytes each op must move (count of full-tensor reads and writes, listed per case) and as
-a % of the device-to-device copy bandwidth measured in the same run.
+median times (``triton.testing.do_bench``; on CUDA also CUDA-graph replay) of the forward
+and of forward+backward for ours / eager / ``torch.compile(eager)`` / third-party kernels.
+Bandwidth is reported against the *minimal* bytes each op must move (count of full-tensor
+reads and writes, listed per case) and as a % of the device-to-device copy bandwidth
+measured in the same run. A case that would not fit in GPU memory is skipped with a reason.
+
+Third-party baselines (only on CUDA unless ``--third-party on``; each only when installed):
+  * Liger-Kernel: ``LigerGroupNormFunction`` (NCHW cases; + ``F.silu``) and
+    ``LigerLayerNormFunction`` with unit weight / zero bias + the adaLN modulation in PyTorch
+    (adaLN cases). Liger has no gated residual or REPA-loss kernel.
+  * apex: ``apex.contrib.group_norm.GroupNorm`` (channels_last cases only: it is an NHWC
+    kernel, with the SiLU fused via ``act="silu"``; on NCHW it falls back to PyTorch).
+  * xformers: has no kernel for any of these ops (its fused ops are attention, SwiGLU,
+    RMSNorm...), so it is only reported as found / not found.
 
 ``run_benchmarks(...)`` is the entry point for other scripts (benchmarks/throughput.py).
 """
 
 import argparse
 import datetime
+import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -29,12 +47,51 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 ALL_OPS = ("adaln", "gated", "fused", "repa", "groupnorm")
+# Reported as found / not found. xformers is only reported: it has no LayerNorm, GroupNorm or
+# cosine-loss kernel (its fused ops are attention, SwiGLU, RMSNorm, RoPE).
+THIRD_PARTY = ("liger_kernel", "apex", "xformers")
+GN_BATCHES = (8, 32)
+SMOKE_GN_BATCHES = (1, 2)
+SMOKE_GN_SHAPES = [(64, 8), (32, 5)]  # (C, H=W): tiny, one with an odd spatial size
 
-# Distinct GroupNorm shapes of the SD-VAE f8d4 at 256 px (spec §5.2/5.3/5.5, channel plan):
-# encoder 128@256 | 128@128 (first norm of the 128->256 block) 256@128 | 256@64 512@64 |
-# 512@32 (level 3, mid, out); decoder 512@32 | 512@64 | 512@128 (first norm of 512->256)
-# 256@128 | 256@256 (first norm of 256->128) 128@256 (incl. norm_out).
-VAE_GN_SHAPES = [(128, 256), (128, 128), (256, 128), (256, 64), (512, 64), (512, 32), (512, 128), (256, 256)]
+# Rough peak-memory estimates (bytes per element of the case's main tensor, times the number
+# of full-tensor passes) used to skip cases that cannot fit: the check holds fp32 + fp64
+# copies of inputs, outputs and gradients; the timing holds bf16/fp32 tensors plus eager's
+# intermediates. Headroom x1.5 / x2.
+_CHECK_BYTES_PER_PASS = (4 + 8) * 1.5
+_TIME_FACTOR = 2.0
+
+
+def vae_gn_shapes(resolution=256, layouts=("f8d4", "f16d32")):
+    """Distinct GroupNorm input shapes of the VAEs at ``resolution`` px, from the models.
+
+    Each VAE is built on the meta device (no memory, no compute) and run once with forward
+    pre-hooks on every ``nn.GroupNorm``; a norm's input is what the kernel sees (the first
+    norm of a channel-changing ResBlock sees the block's *input* channels). Returns
+    ``{(C, H): {layout: number of GroupNorm calls per forward}}`` in first-seen order
+    (H = W). The batch size does not matter here: the benchmark sets it.
+    """
+    import torch
+
+    from repa_e_fast.models.vae import build_vae
+
+    shapes = {}
+    for layout in layouts:
+        with torch.device("meta"):
+            vae = build_vae(layout)
+
+        def record(module, args, layout=layout):
+            _, C, H, W = args[0].shape
+            assert H == W, (layout, tuple(args[0].shape))
+            uses = shapes.setdefault((C, H), {})
+            uses[layout] = uses.get(layout, 0) + 1
+
+        hooks = [m.register_forward_pre_hook(record) for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+        with torch.no_grad():
+            vae(torch.empty(1, 3, resolution, resolution, device="meta"))
+        for h in hooks:
+            h.remove()
+    return shapes
 
 
 def _parse(argv=None):
@@ -42,7 +99,17 @@ def _parse(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU under the Triton interpreter")
     p.add_argument("--ops", default=",".join(ALL_OPS), help=f"comma list of {ALL_OPS}")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of the compile baseline (default inductor; aot_eager with "
+                        "--smoke: it checks capture and autograd, while inductor's C++ code generation "
+                        "adds ~40 s to the CPU smoke run with a cold cache)")
     p.add_argument("--gn-act", default="silu,none", help="GroupNorm activations to run: silu,none")
+    p.add_argument("--gn-batches", default=None,
+                   help=f"comma list of GroupNorm batch sizes (default {','.join(map(str, GN_BATCHES))}; "
+                        f"{','.join(map(str, SMOKE_GN_BATCHES))} with --smoke)")
+    p.add_argument("--third-party", default="auto", choices=("auto", "on", "off"),
+                   help="Liger-Kernel / apex baselines when installed: auto = only on CUDA (their kernels "
+                        "do not run under the Triton interpreter), on = also on CPU, off = never")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile ours fwd+bwd once per op (CPU launch cost vs GPU kernels)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -50,8 +117,13 @@ def _parse(argv=None):
 
 
 def run_benchmarks(ops=ALL_OPS, smoke=False, compile_baseline=True, gn_acts=("silu", "none"), out_dir=None,
-                   command=None, log=print):
-    """Run the benchmark; returns the result dict (also written as JSON when out_dir is given)."""
+                   command=None, log=print, compile_backend=None, gn_batches=None, third_party="auto"):
+    """Run the benchmark; returns the result dict (also written as JSON when out_dir is given).
+
+    compile_backend: backend of the ``torch.compile`` baseline; None = inductor, or aot_eager
+    in smoke runs. gn_batches: GroupNorm batch sizes (None = 8,32, or 1,2 in smoke runs).
+    third_party: "auto" (Liger-Kernel / apex baselines on CUDA only), "on" or "off".
+    """
     if smoke and not _cuda_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch
@@ -61,25 +133,39 @@ def run_benchmarks(ops=ALL_OPS, smoke=False, compile_baseline=True, gn_acts=("si
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and not smoke:
         raise SystemExit("bench_ops: no CUDA device; use --smoke for the CPU interpreter run")
-    compile_baseline = compile_baseline and not smoke
+    if compile_backend is None:
+        compile_backend = "aot_eager" if smoke else "inductor"
+    if gn_batches is None:
+        gn_batches = SMOKE_GN_BATCHES if smoke else GN_BATCHES
+    gn_batches = tuple(int(n) for n in gn_batches)
     timer = _Timer(dev)
     results = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
                "command": command or " ".join([os.path.basename(sys.executable)] + sys.argv),
-               "smoke": smoke, "cases": []}
+               "smoke": smoke, "compile_backend": compile_backend if compile_baseline else None,
+               "gn_batches": list(gn_batches), "cases": []}
+    results["third_party"] = _third_party_versions()
+    tp, tp_errors = _load_third_party(third_party, dev, results["third_party"])
+    results["third_party_baselines"] = sorted(tp)
+    if tp_errors:
+        results["third_party_errors"] = tp_errors
     copy_gbs = timer.copy_bandwidth(256 * 2**20 if not smoke else 2**20)
     results["copy_GBps"] = copy_gbs
     log(f"device: {results['device']}  torch {results['torch']}  triton {results['triton']}")
     log(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write counted)")
+    log("third party: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in results["third_party"].items())
+        + f"; baselines run: {', '.join(sorted(tp)) or 'none'}"
+        + "".join(f"; {k}: {v}" for k, v in tp_errors.items()))
 
     path = None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         name = "smoke" if smoke else "".join(c if c.isalnum() else "_" for c in results["device"].lower())
         path = os.path.join(out_dir, f"ops_{name}_{datetime.date.today().strftime('%Y%m%d')}.json")
-    for case in _cases(ops, smoke, gn_acts, dev, torch, F):
-        results["cases"].append(_run_case(case, timer, compile_baseline, copy_gbs, torch, log))
+    for case in _cases(ops, smoke, gn_acts, dev, torch, F, gn_batches=gn_batches, third_party=tp):
+        results["cases"].append(_run_case(case, timer, compile_baseline, copy_gbs, torch, log,
+                                          compile_backend=compile_backend))
         if path:  # rewritten after every case, so an interrupted run keeps what it measured
             with open(path, "w") as f:
                 json.dump(results, f, indent=1)
@@ -105,7 +191,7 @@ def profile_ops(ops=ALL_OPS, gn_acts=("silu",), log=print):
 
     dev = torch.device("cuda")
     seen = set()
-    for case in _cases(ops, False, gn_acts, dev, torch, F):
+    for case in _cases(ops, False, gn_acts, dev, torch, F, gn_batches=GN_BATCHES[:1]):
         key = case.op if case.op != "group_norm" else case.name
         if key in seen or (case.op == "group_norm" and not any(s in case.name for s in PROFILE_GN)):
             continue
@@ -155,6 +241,50 @@ def _triton_version():
         return None
 
 
+def _third_party_versions():
+    """{package: version, or None when not installed} for Liger-Kernel, apex, xformers."""
+    found = {}
+    for name in THIRD_PARTY:
+        if importlib.util.find_spec(name) is None:
+            found[name] = None
+            continue
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # importable without metadata (source tree)
+            try:
+                found[name] = str(getattr(importlib.import_module(name), "__version__", "unknown"))
+            except Exception as e:
+                found[name] = f"import failed: {type(e).__name__}"
+    return found
+
+
+# The third-party entry points we benchmark against: (package, module, attribute).
+_THIRD_PARTY_OPS = {
+    "liger_group_norm": ("liger_kernel", "liger_kernel.ops.group_norm", "LigerGroupNormFunction"),
+    "liger_layer_norm": ("liger_kernel", "liger_kernel.ops.layer_norm", "LigerLayerNormFunction"),
+    "apex_group_norm": ("apex", "apex.contrib.group_norm", "GroupNorm"),
+}
+
+
+def _load_third_party(mode, dev, versions):
+    """The installed third-party kernels to run ({key of _THIRD_PARTY_OPS: object}) and the
+    import errors of installed packages. "auto" loads them on CUDA only: Liger's kernels do
+    not run under the Triton interpreter and apex's are CUDA extensions."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"third_party must be auto, on or off, got {mode!r}")
+    if mode == "off" or (mode == "auto" and dev.type != "cuda"):
+        return {}, {}
+    found, errors = {}, {}
+    for key, (package, module, attr) in _THIRD_PARTY_OPS.items():
+        if versions.get(package) is None:
+            continue
+        try:
+            found[key] = getattr(importlib.import_module(module), attr)
+        except Exception as e:  # e.g. apex built without its contrib CUDA extensions
+            errors[key] = f"{type(e).__name__}: {e}"[:300]
+    return found, errors
+
+
 class _Timer:
     def __init__(self, dev):
         self.dev = dev
@@ -164,16 +294,20 @@ class _Timer:
         if self.dev.type == "cuda":
             from triton.testing import do_bench
             return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+        # CPU (the smoke run): up to 4 calls, the first one not counted, but stop after
+        # 0.5 s: an interpreted kernel takes ~1 s a call and its timing only shows it runs.
         times = []
-        for i in range(4):
+        deadline = time.perf_counter() + 0.5
+        for _ in range(4):
             if grad_to_none:
                 for t in grad_to_none:
                     t.grad = None
             t0 = time.perf_counter()
             fn()
-            if i:
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+            times.append((time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() > deadline:
+                break
+        return statistics.median(times[1:] or times)
 
     def graph(self, fn, grad_to_none=None):
         """Median ms of ``fn`` replayed from a CUDA graph: GPU time without Python launch cost."""
@@ -190,15 +324,52 @@ class _Timer:
 
 class _Case:
     def __init__(self, op, name, ours, eager, make_inputs, passes_fwd, passes_bwd, elem_bytes, numel, check,
-                 extra=None):
+                 extra=None, info=None):
         self.op, self.name, self.ours, self.eager = op, name, ours, eager
         self.make_inputs = make_inputs  # (dtype) -> (list of leaf tensors, grad for output(s))
         self.passes_fwd, self.passes_bwd = passes_fwd, passes_bwd
         self.elem_bytes, self.numel, self.check = elem_bytes, numel, check
-        self.extra = extra or {}
+        self.extra = extra or {}  # more implementations to time: {name: fn(*inputs)}
+        self.info = info or {}  # copied into the result row
 
 
-def _cases(ops, smoke, gn_acts, dev, torch, F):
+def _liger_adaln(LigerLayerNorm, D, dev, dtype, torch):
+    """adaLN with Liger's LayerNorm: non-affine (unit weight, zero bias, made once here so no
+    fill is timed), then the modulation exactly as adaln_modulate_reference writes it."""
+    ones = torch.ones(D, device=dev, dtype=dtype)
+    zeros = torch.zeros(D, device=dev, dtype=dtype)
+
+    def liger(x, shift, scale):
+        return LigerLayerNorm.apply(x, ones, zeros, 1e-6) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return liger
+
+
+def _liger_group_norm(LigerGroupNorm, C, act, torch):
+    def liger(x, w, b):  # Liger has no fused activation: SiLU in PyTorch after it
+        y = LigerGroupNorm.apply(x, w, b, C, 32, 1e-6)
+        return torch.nn.functional.silu(y) if act else y
+    return liger
+
+
+def _apex_group_norm(ApexGroupNorm, C, act, torch):
+    state = {}
+
+    def apex(x, w, b):
+        if "module" not in state:  # built on the first call, so a failure is reported as apex_error
+            state["module"] = ApexGroupNorm(32, C, eps=1e-6, affine=True, device=x.device, dtype=w.dtype,
+                                            act="silu" if act else "")
+            # apex silently runs PyTorch for shapes/layouts its kernel does not cover; say so.
+            legal = getattr(state["module"], "_check_legality", None)
+            if legal is not None:
+                apex.notes["fallback_to_pytorch"] = not legal(x)
+        # Our weight/bias tensors as the module's parameters, so gradients reach the leaves.
+        return torch.func.functional_call(state["module"], {"weight": w, "bias": b}, (x,))
+    apex.notes = {}
+    return apex
+
+
+def _cases(ops, smoke, gn_acts, dev, torch, F, gn_batches=GN_BATCHES, third_party=None):
+    tp = third_party or {}
     bf16, fp32 = torch.bfloat16, torch.float32
     B, T, D = (2, 16, 72) if smoke else (32, 256, 1152)
 
@@ -214,9 +385,12 @@ def _cases(ops, smoke, gn_acts, dev, torch, F):
             def mk(dt=dtype):
                 return [randn(B, T, D, dtype=dt), randn(B, D, dtype=dt, scale=0.3), randn(B, D, dtype=dt, scale=0.3)], \
                     [torch.randn(B, T, D, device=dev, dtype=dt)]
+            extra = {}
+            if "liger_layer_norm" in tp:
+                extra["liger"] = _liger_adaln(tp["liger_layer_norm"], D, dev, dtype, torch)
             # fwd: read x, write y; bwd: read x, dy, write dx ([B,D] vectors are negligible).
             yield _Case("adaln_modulate", tag, F.adaln_modulate, F.adaln_modulate_reference, mk, 2, 3, es,
-                        B * T * D, dtype == dtypes[0])
+                        B * T * D, dtype == dtypes[0], extra=extra)
         if "gated" in ops:
             def mk(dt=dtype):
                 return [randn(B, T, D, dtype=dt), randn(B, D, dtype=dt), randn(B, T, D, dtype=dt)], \
@@ -246,32 +420,41 @@ def _cases(ops, smoke, gn_acts, dev, torch, F):
             yield _Case("repa_cosine_loss", f"B{Br} T{Tr} d{dr} {str(dtype)[6:]}", F.repa_cosine_loss,
                         F.repa_cosine_loss_reference, mk, 2, 3, es, Br * Tr * dr, dtype == dtypes[0])
     if "groupnorm" in ops:
-        N = 1 if smoke else 8
-        shapes = [(64, 8), (32, 5)] if smoke else VAE_GN_SHAPES
-        for C, HW in shapes:
-            for cl in (False, True):
-                for act in gn_acts:
-                    act_arg = None if act == "none" else act
-                    fmt = torch.channels_last if cl else torch.contiguous_format
+        shapes = {s: {"smoke": 1} for s in SMOKE_GN_SHAPES} if smoke else vae_gn_shapes()
+        for (C, HW), uses in shapes.items():
+            for N in gn_batches:
+                for cl in (False, True):
+                    for act in gn_acts:
+                        act_arg = None if act == "none" else act
+                        fmt = torch.channels_last if cl else torch.contiguous_format
 
-                    def mk(dt=bf16, C=C, HW=HW, fmt=fmt):
-                        x = torch.randn(N, C, HW, HW, device=dev).add_(0.5).to(dt).contiguous(memory_format=fmt)
-                        w = torch.randn(C, device=dev).mul_(0.3).add_(1).to(dt)
-                        b = torch.randn(C, device=dev).mul_(0.3).to(dt)
-                        dy = torch.randn(N, C, HW, HW, device=dev, dtype=dt).contiguous(memory_format=fmt)
-                        return [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()], [dy]
+                        def mk(dt=bf16, C=C, HW=HW, fmt=fmt, N=N):
+                            x = torch.randn(N, C, HW, HW, device=dev).add_(0.5).to(dt).contiguous(memory_format=fmt)
+                            w = torch.randn(C, device=dev).mul_(0.3).add_(1).to(dt)
+                            b = torch.randn(C, device=dev).mul_(0.3).to(dt)
+                            dy = torch.randn(N, C, HW, HW, device=dev, dtype=dt).contiguous(memory_format=fmt)
+                            return [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()], [dy]
 
-                    def ours(x, w, b, act=act_arg):
-                        return F.group_norm(x, 32, w, b, 1e-6, act)
+                        def ours(x, w, b, act=act_arg):
+                            return F.group_norm(x, 32, w, b, 1e-6, act)
 
-                    def eager(x, w, b, act=act_arg):
-                        # What a user runs today: native group_norm (+ silu) in the I/O dtype.
-                        y = torch.nn.functional.group_norm(x, 32, w, b, 1e-6)
-                        return torch.nn.functional.silu(y) if act else y
+                        def eager(x, w, b, act=act_arg):
+                            # What a user runs today: native group_norm (+ silu) in the I/O dtype.
+                            y = torch.nn.functional.group_norm(x, 32, w, b, 1e-6)
+                            return torch.nn.functional.silu(y) if act else y
 
-                    # fwd: read x, write y; bwd: read x, dy, write dx.
-                    yield _Case("group_norm", f"N{N} C{C} {HW}x{HW} {'nhwc' if cl else 'nchw'} "
-                                f"{act} bf16", ours, eager, mk, 2, 3, 2, N * C * HW * HW, True)
+                        # Each third-party kernel on the layout it is written for.
+                        extra = {}
+                        if not cl and "liger_group_norm" in tp:
+                            extra["liger"] = _liger_group_norm(tp["liger_group_norm"], C, act_arg, torch)
+                        if cl and "apex_group_norm" in tp:
+                            extra["apex"] = _apex_group_norm(tp["apex_group_norm"], C, act_arg, torch)
+                        layout = "nhwc" if cl else "nchw"
+                        info = {"batch": N, "channels": C, "hw": HW, "layout": layout, "activation": act,
+                                "vae_uses": uses}
+                        # fwd: read x, write y; bwd: read x, dy, write dx.
+                        yield _Case("group_norm", f"N{N} C{C} {HW}x{HW} {layout} {act} bf16", ours, eager, mk,
+                                    2, 3, 2, N * C * HW * HW, True, extra=extra, info=info)
 
 
 def _grads_and_outputs(fn, inputs, grads, torch):
@@ -297,22 +480,69 @@ def _check(case, torch):
     return err
 
 
-def _run_case(case, timer, compile_baseline, copy_gbs, torch, log):
+def _memory_skip(case, dev, torch):
+    """(reason to skip the case, reason to skip only its fp64 check); None where it fits."""
+    if dev.type != "cuda":
+        return None, None
+    free = torch.cuda.mem_get_info(dev)[0]
+    passes = case.passes_fwd + case.passes_bwd
+    need_time = passes * case.numel * case.elem_bytes * _TIME_FACTOR
+    need_check = passes * case.numel * _CHECK_BYTES_PER_PASS if case.check else 0
+    gib = 2**30
+    if need_time > free:
+        return f"would not fit: needs ~{need_time / gib:.1f} GiB, {free / gib:.1f} GiB free", None
+    if need_check > free:
+        return None, f"fp64 check would not fit: needs ~{need_check / gib:.1f} GiB, {free / gib:.1f} GiB free"
+    return None, None
+
+
+def _run_case(case, timer, compile_baseline, copy_gbs, torch, log, compile_backend="inductor"):
     r = {"op": case.op, "case": case.name, "passes_fwd": case.passes_fwd, "passes_bwd": case.passes_bwd}
-    if case.check:
-        r["max_abs_err_fp32_vs_fp64"] = _check(case, torch)
-        log(f"check {case.op} {case.name}: " + ", ".join(f"{k}={v:.2e}" for k, v in r["max_abs_err_fp32_vs_fp64"].items()
-                                                          if v is not None))
+    r.update(case.info)
+    skip, skip_check = _memory_skip(case, timer.dev, torch)
+    if skip:
+        r["skipped"] = skip
+        log(f"skip {case.op} {case.name}: {skip}")
+        return r
+    try:
+        _measure(case, r, skip_check, timer, compile_baseline, compile_backend, copy_gbs, torch, log)
+    except torch.OutOfMemoryError as e:  # the estimate was too optimistic: report, go on
+        r["skipped"] = f"out of memory: {e}"[:300]
+        log(f"skip {case.op} {case.name}: {r['skipped']}")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return r
+
+
+def _measure(case, r, skip_check, timer, compile_baseline, compile_backend, copy_gbs, torch, log):
+    if case.check and skip_check:
+        r["check_skipped"] = skip_check
+        log(f"check {case.op} {case.name}: skipped, {skip_check}")
+    elif case.check:
+        try:
+            r["max_abs_err_fp32_vs_fp64"] = _check(case, torch)
+            log(f"check {case.op} {case.name}: " + ", ".join(
+                f"{k}={v:.2e}" for k, v in r["max_abs_err_fp32_vs_fp64"].items() if v is not None))
+        except torch.OutOfMemoryError as e:
+            r["check_skipped"] = f"out of memory: {e}"[:300]
+            log(f"check {case.op} {case.name}: skipped, {r['check_skipped']}")
+            torch.cuda.empty_cache()
     inputs, grads = case.make_inputs()
     leaves = [t for t in inputs if t.requires_grad]
     impls = {"ours": case.ours, "eager": case.eager}
     impls.update(case.extra)
     if compile_baseline:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        impls["compile"] = torch.compile(case.eager, dynamic=False)
+        impls["compile"] = torch.compile(case.eager, dynamic=False, backend=compile_backend)
+    r["impls"] = list(impls)
     bytes_fwd = case.passes_fwd * case.numel * case.elem_bytes
     bytes_fb = (case.passes_fwd + case.passes_bwd) * case.numel * case.elem_bytes
     r["bytes_fwd"], r["bytes_fwd_bwd"] = bytes_fwd, bytes_fb
+    # Eager's output at the timing dtype: every other implementation must match it (catches
+    # a misused third-party API, not just a slow one).
+    with torch.no_grad():
+        ref = case.eager(*inputs)
+        ref = [o.float() for o in (ref if isinstance(ref, tuple) else (ref,))]
     for name, fn in impls.items():
         def fwd(fn=fn):
             return fn(*inputs)
@@ -321,17 +551,24 @@ def _run_case(case, timer, compile_baseline, copy_gbs, torch, log):
             out = fn(*inputs)
             outs = out if isinstance(out, tuple) else (out,)
             torch.autograd.backward(list(outs), grads if grads[0] is not None else None)
+            return outs
 
         try:
             t0 = time.time()
-            fwd_bwd()  # warm-up / compile outside the timing
+            outs = fwd_bwd()  # warm-up / compile outside the timing
+            if name != "eager":
+                r[f"{name}_max_abs_diff_vs_eager"] = max(
+                    (o.detach().float() - e).abs().max().item() for o, e in zip(outs, ref))
+            del outs
             r[f"{name}_ms_fwd"] = timer(fwd)
             r[f"{name}_ms_fwd_bwd"] = timer(fwd_bwd, grad_to_none=leaves)
             r[f"{name}_setup_s"] = round(time.time() - t0, 1)
-        except Exception as e:  # a baseline that fails to compile is reported, not fatal
+        except Exception as e:  # a baseline that fails (to compile, or a wrong API) is reported, not fatal
             r[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
             log(f"  {name} failed: {r[f'{name}_error']}")
             continue
+        for k, v in getattr(fn, "notes", {}).items():
+            r[f"{name}_{k}"] = v
         if timer.dev.type == "cuda":
             try:
                 r[f"{name}_graph_ms_fwd"] = timer.graph(fwd)
@@ -346,33 +583,47 @@ def _run_case(case, timer, compile_baseline, copy_gbs, torch, log):
             if ms:
                 r[f"ours_{kind}GBps_{mode}"] = nbytes / ms / 1e6
                 r[f"ours_{kind}pct_copy_{mode}"] = 100 * nbytes / ms / 1e6 / copy_gbs
-                for base in ("eager", "compile", "ours_unfused"):
-                    if r.get(f"{base}_{kind}ms_{mode}"):
+                for base in impls:
+                    if base != "ours" and r.get(f"{base}_{kind}ms_{mode}"):
                         r[f"{kind}speedup_vs_{base}_{mode}"] = r[f"{base}_{kind}ms_{mode}"] / ms
-    log(_row(r))
-    del inputs, grads, leaves
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return r
+    log(_row(r))  # the tensors are freed when this function returns, before empty_cache()
 
 
-_HEAD = (f"{'op':20s} {'case':30s} {'mode':7s} | wall ms: {'ours':>6s} {'eager':>6s} {'comp':>6s} | "
-         f"CUDA-graph ms: {'ours':>6s} {'eager':>6s} {'comp':>6s} {'GB/s':>5s} {'%copy':>5s} {'xeager':>6s} {'xcomp':>6s}")
+_HEAD = (f"{'op':20s} {'case':30s} {'mode':7s} | wall ms: {'ours':>6s} {'eager':>6s} {'comp':>6s} {'%copy':>5s} "
+         f"{'xeager':>6s} {'xcomp':>6s} | CUDA-graph ms: {'ours':>6s} {'eager':>6s} {'comp':>6s} {'GB/s':>5s} "
+         f"{'%copy':>5s} {'xeager':>6s} {'xcomp':>6s}  (other implementations: wall / graph ms, ours x)")
+_LABELS = {"ours_unfused": "unfused ours"}
 
 
 def _row(r):
+    if r.get("skipped"):
+        return f"{r['op'][:20]:20s} {r['case'][:30]:30s} skipped: {r['skipped']}"
     lines = []
     for mode in ("fwd", "fwd_bwd"):
         def f(k, fmt="{:6.3f}"):
             v = r.get(k)
             return fmt.format(v) if v is not None else "-".rjust(len(fmt.format(0.0)))
-        unf = [f"unfused ours {r[k]:.3f}" for k in (f"ours_unfused_ms_{mode}", f"ours_unfused_graph_ms_{mode}") if r.get(k)]
+        notes = []
+        for name in r.get("impls", []):
+            if name in ("ours", "eager", "compile"):
+                continue
+            label = _LABELS.get(name, name)
+            if r.get(f"{name}_error"):
+                notes.append(f"{label} failed")
+            elif r.get(f"{name}_ms_{mode}"):
+                graph = r.get(f"{name}_graph_ms_{mode}")
+                kind = "graph_" if graph else ""
+                notes.append(f"{label} {r[f'{name}_ms_{mode}']:.3f}" + (f" / {graph:.3f}" if graph else "")
+                             + (f" x{r[f'{kind}speedup_vs_{name}_{mode}']:.2f}"
+                                if r.get(f"{kind}speedup_vs_{name}_{mode}") else ""))
         lines.append(f"{r['op'][:20]:20s} {r['case'][:30]:30s} {mode:7s} | wall ms: {f(f'ours_ms_{mode}')} "
-                     f"{f(f'eager_ms_{mode}')} {f(f'compile_ms_{mode}')} | CUDA-graph ms: {f(f'ours_graph_ms_{mode}')} "
+                     f"{f(f'eager_ms_{mode}')} {f(f'compile_ms_{mode}')} {f(f'ours_pct_copy_{mode}', '{:5.1f}')} "
+                     f"{f(f'speedup_vs_eager_{mode}', '{:6.2f}')} {f(f'speedup_vs_compile_{mode}', '{:6.2f}')} | "
+                     f"CUDA-graph ms: {f(f'ours_graph_ms_{mode}')} "
                      f"{f(f'eager_graph_ms_{mode}')} {f(f'compile_graph_ms_{mode}')} "
                      f"{f(f'ours_graph_GBps_{mode}', '{:5.0f}')} {f(f'ours_graph_pct_copy_{mode}', '{:5.1f}')} "
                      f"{f(f'graph_speedup_vs_eager_{mode}', '{:6.2f}')} {f(f'graph_speedup_vs_compile_{mode}', '{:6.2f}')}"
-                     + (f"  ({', '.join(unf)})" if unf else ""))
+                     + (f"  ({', '.join(notes)})" if notes else ""))
     return "\n".join(lines)
 
 
@@ -389,8 +640,10 @@ def main(argv=None):
     acts = tuple(a.strip() for a in args.gn_act.split(",") if a.strip())
     if args.profile:
         return profile_ops(ops, acts)
+    batches = None if args.gn_batches is None else tuple(int(n) for n in args.gn_batches.split(",") if n.strip())
     run_benchmarks(ops, smoke=args.smoke, compile_baseline=not args.no_compile, gn_acts=acts,
-                   out_dir=args.out_dir, command=" ".join(["python"] + sys.argv))
+                   out_dir=args.out_dir, command=" ".join(["python"] + sys.argv),
+                   compile_backend=args.compile_backend, gn_batches=batches, third_party=args.third_party)
 
 
 if __name__ == "__main__":
