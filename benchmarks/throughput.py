@@ -15,6 +15,7 @@ time and the bf16 dense peak given by --peak-tflops) and peak memory.
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -37,7 +38,12 @@ from repa_e_fast.models.encoders import load_encoders  # noqa: E402
 from repa_e_fast.models.sit import build_sit  # noqa: E402
 from repa_e_fast.models.vae import AutoencoderKL, build_vae  # noqa: E402
 
-VARIANTS = ("reference", "compile", "fast")
+# reference: eager PyTorch with the official recipe's ops; compile: the reference under
+# torch.compile; fast: our fused ops, channels_last VAE and loss, fused AdamW;
+# fast_compile: the fast path with the models under torch.compile (removes the Python and
+# launch overhead that the LDM-only step is bound by).
+VARIANTS = ("reference", "compile", "fast", "fast_compile")
+COMPILED_VARIANTS = {"compile": "reference", "fast_compile": "fast"}  # -> the eager variant with the same math
 
 
 def synchronize(device):
@@ -57,10 +63,16 @@ def build_bench_sit(model_name, smoke, fast):
     return sit.set_fused_ops(fast)
 
 
-def build_repae(model_name, batch, device, variant, smoke):
+def compile_models(backend, models, compile_backend):
+    """Swap the backend's models for compiled wrappers; the optimizers keep the originals."""
+    backend.models = {name: torch.compile(model, backend=compile_backend) for name, model in models.items()}
+    backend.unwrap = lambda name: models[name]
+
+
+def build_repae(model_name, batch, device, variant, smoke, compile_backend="inductor"):
     """SiT + f8d4 VAE + loss module + DINOv2 targets with random weights (timing only)."""
     torch.manual_seed(0)
-    fast = variant == "fast"
+    fast = variant in ("fast", "fast_compile")
     sit = build_bench_sit(model_name, smoke, fast)
     if smoke:
         vae = AutoencoderKL(embed_dim=4, ch_mult=(1, 2, 4, 4), ch=32, num_res_blocks=1)
@@ -72,7 +84,10 @@ def build_repae(model_name, batch, device, variant, smoke):
     loss_fn = VAERegularizationLoss()
     sit, vae, loss_fn = sit.to(device), vae.to(device), loss_fn.to(device)
     if fast and device.type == "cuda":
+        # The VAE's convolutions and the LPIPS/discriminator convolutions on its output run
+        # NHWC in cuDNN; with the loss module NCHW, every conv there would transpose.
         vae = vae.to(memory_format=torch.channels_last)
+        loss_fn = loss_fn.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(sit).requires_grad_(False)
     fused_adam = fast and device.type == "cuda"
     optimizers = {"sit": build_adamw(sit, fused=fused_adam), "vae": build_adamw(vae, fused=fused_adam),
@@ -80,10 +95,8 @@ def build_repae(model_name, batch, device, variant, smoke):
     models = {"sit": sit, "vae": vae, "disc": loss_fn}
     precision = "bf16" if device.type == "cuda" else "fp32"
     backend = SingleProcessBackend(models, optimizers, precision=precision)
-    if variant == "compile":
-        compiled = {k: torch.compile(m) for k, m in models.items()}
-        backend.models = compiled
-        backend.unwrap = lambda name: models[name]
+    if variant in COMPILED_VARIANTS:
+        compile_models(backend, models, compile_backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoders = [] if smoke else load_encoders("dinov2-vit-b", 256, allow_random=True, device=device,
@@ -100,16 +113,15 @@ def build_repae(model_name, batch, device, variant, smoke):
     return run
 
 
-def build_ldm(model_name, batch, device, variant, smoke):
+def build_ldm(model_name, batch, device, variant, smoke, compile_backend="inductor"):
     torch.manual_seed(0)
-    fast = variant == "fast"
+    fast = variant in ("fast", "fast_compile")
     sit = build_bench_sit(model_name, smoke, fast).to(device)
     ema = copy.deepcopy(sit).requires_grad_(False)
     optimizers = {"sit": build_adamw(sit, fused=fast and device.type == "cuda")}
     backend = SingleProcessBackend({"sit": sit}, optimizers, precision="bf16" if device.type == "cuda" else "fp32")
-    if variant == "compile":
-        backend.models = {"sit": torch.compile(sit)}
-        backend.unwrap = lambda name: sit
+    if variant in COMPILED_VARIANTS:
+        compile_models(backend, {"sit": sit}, compile_backend)
     step = LDMStep(backend, ema)
     side = 4 if smoke else 32
     moments = torch.cat([torch.randn(batch, 4, side, side, device=device),
@@ -133,7 +145,10 @@ def count_flops(run, step_index):
     return counter.get_total_flops()
 
 
-def measure_step(kind, model_name, batch, device, variant, smoke, warmup, iters, peak_tflops):
+def measure_step(kind, model_name, batch, device, variant, smoke, warmup, iters, peak_tflops,
+                 compile_backend="inductor", flops=None):
+    """Time one (step, model, variant); ``flops`` is the count of the same math when known
+    (a compiled variant is not counted: the counter would see dynamo's graphs, not the ops)."""
     builder = build_repae if kind == "repae" else build_ldm
     import gc
 
@@ -141,25 +156,72 @@ def measure_step(kind, model_name, batch, device, variant, smoke, warmup, iters,
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    run = builder(model_name, batch, device, variant, smoke)
+    compiled = variant in COMPILED_VARIANTS
+    if compiled:
+        # Step 0 and step 1 take different guards (the discriminator factor reads the step),
+        # and the loss module runs in two modes: three steps compile every graph.
+        warmup = max(warmup, 3)
+    started = time.perf_counter()
+    run = builder(model_name, batch, device, variant, smoke, compile_backend)
     for index in range(warmup):
         run(index)
     synchronize(device)
+    warmup_s = time.perf_counter() - started
     times = []
     for index in range(iters):
         start = time.perf_counter()
         run(warmup + index)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    flops = count_flops(run, warmup + iters) if variant != "compile" else None
+    if flops is None and not compiled:
+        flops = count_flops(run, warmup + iters)
     seconds = statistics.median(times)
     row = {"section": "steps", "step": kind, "model": "tiny" if smoke else model_name, "variant": variant,
-           "batch": batch, "median_s": seconds, "images_per_s": batch / seconds,
+           "batch": batch, "median_s": seconds, "images_per_s": batch / seconds, "iters": iters,
+           "warmup_steps": warmup, "warmup_s": warmup_s,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
            "tflop_per_step": flops / 1e12 if flops else None}
+    if compiled:
+        row["compile_backend"] = compile_backend
     if flops and peak_tflops:
         row["mfu"] = flops / seconds / (peak_tflops * 1e12)
     return row
+
+
+def add_speedups(rows):
+    """Each step row gets its images/s relative to the reference and to reference+compile
+    of the same (step, model, batch), measured in the same run."""
+    steps = [r for r in rows if r.get("section") == "steps" and "images_per_s" in r]
+    for row in steps:
+        for base in ("reference", "compile"):
+            other = next((r for r in steps if r["variant"] == base and r["step"] == row["step"]
+                          and r["model"] == row["model"] and r["batch"] == row["batch"]), None)
+            if other is not None and other is not row:
+                row[f"speedup_vs_{base}"] = row["images_per_s"] / other["images_per_s"]
+
+
+def measure_steps(args, device):
+    rows = []
+    for kind in args.steps.split(","):
+        for model_name in args.models.split(","):
+            flops = {}  # variant -> FLOPs of one step; a compiled variant reuses its eager twin's
+            for variant in args.variants.split(","):
+                try:
+                    row = measure_step(kind, model_name, args.batch, device, variant, args.smoke, args.warmup,
+                                       args.iters, args.peak_tflops if device.type == "cuda" else None,
+                                       args.compile_backend, flops.get(COMPILED_VARIANTS.get(variant)))
+                    if row["tflop_per_step"]:
+                        flops[variant] = row["tflop_per_step"] * 1e12
+                except Exception as error:  # noqa: BLE001 - one failing variant must not lose the rest
+                    row = {"section": "steps", "step": kind, "model": "tiny" if args.smoke else model_name,
+                           "variant": variant, "batch": args.batch,
+                           "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"}
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    add_speedups(rows)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,16 +234,18 @@ def measure_attention(device, smoke, iters):
 
     shapes = [(2, 2, 16, 8)] if smoke else [(32, 16, 256, 72), (32, 12, 256, 64)]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backends = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-                "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
-    if device.type != "cuda":
-        backends = {"sdpa_math": SDPBackend.MATH}
+    # Every backend on every device: one that has no kernel for the device/dtype/shape is
+    # reported as unavailable. sdpa_default is PyTorch's own choice, what the model runs.
+    backends = {"sdpa_default": None, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+                "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "sdpa_math": SDPBackend.MATH}
     rows = []
     for batch, heads, tokens, head_dim in shapes:
         q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         flops = 4 * batch * heads * tokens * tokens * head_dim * 3.5  # fwd (2 matmuls) + bwd (5 matmuls)
-        candidates = [(name, lambda b=b: sdpa_kernel([b])) for name, b in backends.items()]
+        candidates = [(name, (lambda b=b: sdpa_kernel([b])) if b is not None else contextlib.nullcontext)
+                      for name, b in backends.items()]
         for package in ("flash_attn", "xformers"):
             try:
                 __import__(package)
@@ -227,19 +291,29 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak for MFU (H100 measured)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, under two minutes")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of the compiled variants and baselines (default inductor; "
+                             "aot_eager with --smoke: it checks capture and autograd without inductor's minutes "
+                             "of C++ code generation on a CPU)")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--tag", default="", help="added to the result file names, to keep several runs of a day")
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
+    unknown = set(sections) - {"kernels", "attention", "steps"}
+    if unknown or set(args.variants.split(",")) - set(VARIANTS) or set(args.steps.split(",")) - {"repae", "ldm"}:
+        parser.error(f"sections from kernels,attention,steps; variants from {','.join(VARIANTS)}; steps from repae,ldm")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.smoke else "inductor"
     if args.smoke:
         args.batch, args.warmup, args.iters = 2, 1, 1
         args.models = "tiny"
-        args.variants = ",".join(v for v in args.variants.split(",") if v != "compile")
     rows = []
     if "kernels" in sections:
         import bench_ops
 
-        result = bench_ops.run_benchmarks(smoke=args.smoke, compile_baseline=not args.smoke, out_dir=None)
+        result = bench_ops.run_benchmarks(smoke=args.smoke, compile_baseline=True,
+                                          compile_backend=args.compile_backend, out_dir=None)
         rows.append({"section": "kernels", "results": result})
     if "attention" in sections:
         rows += measure_attention(device, args.smoke, args.iters)
@@ -249,17 +323,7 @@ def main(argv=None):
             # steps through the interpreter would take minutes, so the CPU smoke run checks
             # the fast path's plumbing with the ops' PyTorch references.
             os.environ["REPA_E_FAST_OPS"] = "torch"
-        for kind in args.steps.split(","):
-            for model_name in args.models.split(","):
-                for variant in args.variants.split(","):
-                    try:
-                        row = measure_step(kind, model_name, args.batch, device, variant, args.smoke, args.warmup,
-                                           args.iters, args.peak_tflops if device.type == "cuda" else None)
-                    except Exception as error:  # noqa: BLE001 - one failing variant must not lose the rest
-                        row = {"section": "steps", "step": kind, "model": model_name, "variant": variant,
-                               "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+        rows += measure_steps(args, device)
     print_table(rows)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -273,26 +337,37 @@ def main(argv=None):
         pass
     os.makedirs(args.out_dir, exist_ok=True)
     tag = "smoke" if args.smoke else meta["device"].replace(" ", "_")
-    path = os.path.join(args.out_dir, f"throughput_{tag}_{meta['date'][:10]}.json")
+    suffix = f"_{args.tag}" if args.tag else ""
+    path = os.path.join(args.out_dir, f"throughput_{tag}_{meta['date'][:10]}{suffix}.json")
     with open(path, "w") as handle:
         json.dump({"meta": meta, "rows": rows}, handle, indent=1, default=str)
     print(f"wrote {path}")
+    import chart
+
+    chart_path = chart.draw_throughput_chart(rows, meta, path[: -len(".json")] + ".png")
+    print(f"wrote {chart_path}")
     return rows
 
 
+def _ratio(value):
+    return f"{value:.2f}x" if value else "-"
+
+
 def print_table(rows):
-    steps = [r for r in rows if r.get("section") == "steps"]
-    if steps:
-        print(f"\n{'step':<6} {'model':<9} {'variant':<10} {'img/s':>8} {'ms':>8} {'MFU':>6} {'TFLOP':>7} {'peak GiB':>9}")
-        for r in steps:
-            if "error" in r:
-                print(f"{r['step']:<6} {r['model']:<9} {r['variant']:<10} ERROR {r['error']}")
-                continue
-            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-            tflop = f"{r['tflop_per_step']:.2f}" if r.get("tflop_per_step") else "-"
-            memory = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else "-"
-            print(f"{r['step']:<6} {r['model']:<9} {r['variant']:<10} {r['images_per_s']:>8.1f} "
-                  f"{1e3 * r['median_s']:>8.1f} {mfu:>6} {tflop:>7} {memory:>9}")
+    kernels = next((r["results"] for r in rows if r.get("section") == "kernels"), None)
+    if kernels:
+        # bench_ops prints its full table while it runs; here one line per case, fwd+bwd.
+        timing = "graph_" if any(c.get("ours_graph_ms_fwd_bwd") for c in kernels["cases"]) else ""
+        print(f"\nkernels, fwd+bwd ({'GPU time, CUDA graph replay' if timing else 'wall time'}); "
+              f"copy bandwidth {kernels['copy_GBps']:.0f} GB/s")
+        print(f"{'op':<22} {'case':<34} {'ours ms':>8} {'GB/s':>7} {'%copy':>6} {'x eager':>8} {'x compile':>9}")
+        for c in kernels["cases"]:
+            ms = c.get(f"ours_{timing}ms_fwd_bwd")
+            gbs = c.get(f"ours_{timing}GBps_fwd_bwd")
+            pct = c.get(f"ours_{timing}pct_copy_fwd_bwd")
+            print(f"{c['op'][:22]:<22} {c['case'][:34]:<34} {ms or 0:>8.3f} {gbs or 0:>7.0f} {pct or 0:>6.1f} "
+                  f"{_ratio(c.get(f'{timing}speedup_vs_eager_fwd_bwd')):>8} "
+                  f"{_ratio(c.get(f'{timing}speedup_vs_compile_fwd_bwd')):>9}")
     attention = [r for r in rows if r.get("section") == "attention"]
     if attention:
         print(f"\n{'attention':<16} {'shape':<20} {'ms fwd+bwd':>10} {'TFLOP/s':>8}")
@@ -302,6 +377,20 @@ def print_table(rows):
                 print(f"{r['backend']:<16} {shape:<20} unavailable: {r['error']}")
             else:
                 print(f"{r['backend']:<16} {shape:<20} {r['median_ms']:>10.3f} {r['tflops']:>8.1f}")
+    steps = [r for r in rows if r.get("section") == "steps"]
+    if steps:
+        print(f"\n{'step':<6} {'model':<9} {'variant':<13} {'img/s':>8} {'ms':>8} {'x ref':>6} {'x comp':>6} "
+              f"{'MFU':>6} {'TFLOP':>7} {'peak GiB':>9}")
+        for r in steps:
+            if "error" in r:
+                print(f"{r['step']:<6} {r['model']:<9} {r['variant']:<13} ERROR {r['error']}")
+                continue
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+            tflop = f"{r['tflop_per_step']:.3g}" if r.get("tflop_per_step") else "-"
+            memory = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else "-"
+            print(f"{r['step']:<6} {r['model']:<9} {r['variant']:<13} {r['images_per_s']:>8.1f} "
+                  f"{1e3 * r['median_s']:>8.1f} {_ratio(r.get('speedup_vs_reference')):>6} "
+                  f"{_ratio(r.get('speedup_vs_compile')):>6} {mfu:>6} {tflop:>7} {memory:>9}")
 
 
 if __name__ == "__main__":

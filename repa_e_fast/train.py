@@ -202,7 +202,10 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, torch.nn.Mo
         module.to(device)
     ema.to(device)
     if config.channels_last and device.type == "cuda":
+        # The loss module's LPIPS and discriminator convolve the VAE's (then channels_last)
+        # output: in the same layout cuDNN runs NHWC throughout, with no transposes.
         vae.to(memory_format=torch.channels_last)
+        loss_fn.to(memory_format=torch.channels_last)
     if config.compile:
         for module in models.values():
             module.compile()  # in place: state-dict keys stay the official ones
