@@ -42,17 +42,25 @@ def ops_mode() -> str:
     return mode
 
 
+@torch.compiler.assume_constant_result
+def _environment():
+    """(mode, triton installed, interpreter on). Read at trace time under torch.compile:
+    dynamo cannot trace the import test, and a compiled graph keeps the choice it was
+    traced with (changing REPA_E_FAST_OPS later does not retrace it)."""
+    return ops_mode(), triton_available(), interpreter_enabled()
+
+
 def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     """True if ``op`` should run its Triton kernel on these (already validated) tensors."""
-    mode = ops_mode()
+    mode, available, interpreted = _environment()
     if mode == "torch":
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors)
     if mode == "triton":
-        if not triton_available():
+        if not available:
             raise RuntimeError(f"{op}: {OPS_ENV}=triton but triton is not installed")
-        if not (on_cuda or interpreter_enabled()):
+        if not (on_cuda or interpreted):
             raise RuntimeError(
                 f"{op}: {OPS_ENV}=triton needs CUDA tensors or TRITON_INTERPRET=1 "
                 f"(got tensors on {tensors[0].device}); unset {OPS_ENV} to use the PyTorch reference")
@@ -60,7 +68,7 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
             raise TypeError(f"{op}: the Triton kernels take float32/bfloat16/float16, got "
                             f"{sorted({str(t.dtype) for t in tensors})}")
         return True
-    return kernel_dtypes and triton_available() and (on_cuda or interpreter_enabled())
+    return kernel_dtypes and available and (on_cuda or interpreted)
 
 
 def kernels(name: str):

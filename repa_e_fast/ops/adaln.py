@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import check_same_device, check_tensor, kernels, promote, rows_unit_stride, use_triton
+from ._dispatch import check_same_device, check_tensor, promote, rows_unit_stride, use_triton
+from ._library import launcher
 
 OP = "adaln_modulate"
 
@@ -27,8 +28,7 @@ def _check_mod(op, name, v, B, D):
 class _AdaLNModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps):
-        k = kernels("adaln")
-        y, mean, rstd = k.adaln_fwd(x, shift, scale, eps, promote(x, shift, scale))
+        y, mean, rstd = launcher("adaln", "adaln_fwd")(x, shift, scale, eps, promote(x, shift, scale))
         ctx.save_for_backward(x, scale, mean, rstd)
         ctx.shift_dtype = shift.dtype
         return y
@@ -36,7 +36,7 @@ class _AdaLNModulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, scale, mean, rstd = ctx.saved_tensors
-        dx, dshift, dscale = kernels("adaln").adaln_bwd(x, scale, dy.contiguous(), mean, rstd, x.dtype)
+        dx, dshift, dscale = launcher("adaln", "adaln_bwd")(x, scale, dy.contiguous(), mean, rstd, x.dtype)
         return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
 
 
@@ -76,10 +76,10 @@ def gated_residual_adaln_modulate_reference(x, gate, y, shift, scale, eps=1e-6):
 class _GatedResidualAdaLN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, y, shift, scale, eps):
-        k = kernels("adaln")
         out_dtype = promote(x, gate, y)
         y2_dtype = torch.promote_types(out_dtype, promote(shift, scale))
-        out, y2, mean, rstd = k.gated_residual_adaln_fwd(x, gate, y, shift, scale, eps, out_dtype, y2_dtype)
+        out, y2, mean, rstd = launcher("adaln", "gated_residual_adaln_fwd")(x, gate, y, shift, scale, eps,
+                                                                            out_dtype, y2_dtype)
         ctx.save_for_backward(out, y, gate, scale, mean, rstd)
         ctx.dtypes = (x.dtype, gate.dtype, shift.dtype)
         ctx.set_materialize_grads(False)
@@ -93,9 +93,9 @@ class _GatedResidualAdaLN(torch.autograd.Function):
             return (None,) * 6
         if dy2 is None:  # only the residual output was used: a plain gated-residual backward
             dout = dout.contiguous()
-            dy, dgate = kernels("gated_residual").gated_residual_bwd(dout, y, gate, y.dtype)
+            dy, dgate = launcher("gated_residual", "gated_residual_bwd")(dout, y, gate, y.dtype)
             return dout.to(x_dtype), dgate.to(gate_dtype), dy, None, None, None
-        dx, dy, dgate, dshift, dscale = kernels("adaln").gated_residual_adaln_bwd(
+        dx, dy, dgate, dshift, dscale = launcher("adaln", "gated_residual_adaln_bwd")(
             out, y, gate, scale, None if dout is None else dout.contiguous(), dy2.contiguous(), mean, rstd,
             x_dtype, y.dtype)
         return dx, dgate.to(gate_dtype), dy, dshift.to(shift_dtype), dscale.to(scale.dtype), None

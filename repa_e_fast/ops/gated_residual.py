@@ -2,7 +2,8 @@
 
 import torch
 
-from ._dispatch import check_same_device, check_tensor, kernels, promote, rows_unit_stride, use_triton
+from ._dispatch import check_same_device, check_tensor, promote, rows_unit_stride, use_triton
+from ._library import launcher
 from .adaln import _check_mod
 
 OP = "gated_residual"
@@ -16,7 +17,7 @@ def gated_residual_reference(x, gate, y):
 class _GatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, y):
-        out = kernels("gated_residual").gated_residual_fwd(x, gate, y, promote(x, gate, y))
+        out = launcher("gated_residual", "gated_residual_fwd")(x, gate, y, promote(x, gate, y))
         ctx.save_for_backward(gate, y)
         ctx.x_dtype = x.dtype
         return out
@@ -25,7 +26,7 @@ class _GatedResidual(torch.autograd.Function):
     def backward(ctx, dout):
         gate, y = ctx.saved_tensors
         dout = dout.contiguous()
-        dy, dgate = kernels("gated_residual").gated_residual_bwd(dout, y, gate, y.dtype)
+        dy, dgate = launcher("gated_residual", "gated_residual_bwd")(dout, y, gate, y.dtype)
         # d out / d x is the identity: the incoming gradient is passed through.
         return dout.to(ctx.x_dtype), dgate.to(gate.dtype), dy
 

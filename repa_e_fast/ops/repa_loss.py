@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import check_same_device, check_tensor, kernels, use_triton
+from ._dispatch import check_same_device, check_tensor, use_triton
+from ._library import repa_loss_grads, repa_loss_sum
 
 OP = "repa_cosine_loss"
 EPS = 1e-12  # F.normalize's default, as in the official code
@@ -38,25 +39,15 @@ def repa_cosine_loss_reference(zs, zs_tilde):
 class _RepaLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, n_enc, batch, *pairs):
-        k = kernels("repa_loss")
-        zs, zts = pairs[0::2], pairs[1::2]
-        counts = [k.repa_num_partials(z.shape[0] * z.shape[1], z.shape[2]) for z in zs]
-        part = k.new_partials(sum(counts), zs[0].device)
-        ctx.weights = []
-        offset = 0
-        for z, zt, cnt in zip(zs, zts, counts):
-            weight = -1.0 / (n_enc * batch * z.shape[1])
-            ctx.weights.append(weight)
-            k.repa_fwd_partials(z.reshape(-1, z.shape[2]), zt.reshape(-1, z.shape[2]), weight, EPS,
-                                part[offset:offset + cnt])
-            offset += cnt
+        zs, zts = list(pairs[0::2]), list(pairs[1::2])
+        ctx.weights = [-1.0 / (n_enc * batch * z.shape[1]) for z in zs]
         ctx.save_for_backward(*pairs)
-        # Deterministic: a fixed-order sum of per-program partials, no atomics.
-        return part.sum()
+        if torch.compiler.is_compiling():
+            return torch.ops.repa_e_fast.repa_loss_fwd(zs, zts, ctx.weights, EPS)
+        return repa_loss_sum(zs, zts, ctx.weights, EPS)
 
     @staticmethod
     def backward(ctx, grad):
-        k = kernels("repa_loss")
         pairs = ctx.saved_tensors
         g = grad.reshape(1).float().contiguous()
         grads = []
@@ -66,9 +57,9 @@ class _RepaLoss(torch.autograd.Function):
             if not (need_z or need_zt):
                 grads += [None, None]
                 continue
-            d = z.shape[2]
-            dz, dzt = k.repa_bwd(z.reshape(-1, d), zt.reshape(-1, d), g, w, EPS, need_z, need_zt)
-            grads += [None if dz is None else dz.view(z.shape), None if dzt is None else dzt.view(zt.shape)]
+            grads_of = torch.ops.repa_e_fast.repa_loss_bwd if torch.compiler.is_compiling() else repa_loss_grads
+            dz, dzt = grads_of(z, zt, g, w, EPS, need_z, need_zt)
+            grads += [dz if need_z else None, dzt if need_zt else None]
         return (None, None, *grads)
 
 
