@@ -20,3 +20,15 @@ def kernel_env(monkeypatch):
     """Force the Triton path and NaN-poison every kernel output (unwritten elements fail)."""
     monkeypatch.setenv("REPA_E_FAST_OPS", "triton")
     monkeypatch.setenv("REPA_E_FAST_POISON", "1")
+
+
+@pytest.fixture(autouse=True)
+def _release_dali_threads():
+    """A DALI loader sits in a reference cycle and keeps its ~45 worker threads alive until
+    the garbage collector runs. A later test that forks DataLoader workers with those threads
+    alive can deadlock in the child (seen once in CI: a worker stuck on a futex until the
+    600 s timeout). Collecting after each test frees them before the next fork."""
+    yield
+    import gc
+
+    gc.collect()
