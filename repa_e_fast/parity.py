@@ -510,6 +510,7 @@ CHECKERS: Dict[str, Callable[[dict, Comparator], None]] = {
     "vae_loss": check_vae_loss,
     "e2e_step": check_e2e_step,
     "samplers": lambda data, out: _samplers_checker()(data, out),
+    "encoder": lambda data, out: _encoder_checker()(data, out),
 }
 
 
@@ -519,6 +520,19 @@ def _samplers_checker():
     return check_samplers
 
 
+def _encoder_checker():
+    from .parity_encoders import check_encoder  # imports parity's Comparator itself
+
+    return check_encoder
+
+
+def fixture_kind(data: dict) -> Optional[str]:
+    """``meta.kind`` where a fixture has it (one kind, several files: ``encoder_*``), else
+    ``meta.fixture``."""
+    meta = data.get("meta", {})
+    return meta.get("kind") or meta.get("fixture")
+
+
 def load_fixture(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -526,10 +540,10 @@ def load_fixture(path: str) -> dict:
 def run_fixture(path_or_data, verbose: bool = False) -> List[Result]:
     """Check one fixture (a path or an already loaded dict); returns every comparison."""
     data = load_fixture(path_or_data) if isinstance(path_or_data, str) else path_or_data
-    kind = data.get("meta", {}).get("fixture")
+    kind = fixture_kind(data)
     if kind not in CHECKERS:
         raise ValueError(f"unknown fixture kind {kind!r}; supported: {sorted(CHECKERS)}")
-    comparator = Comparator(kind, verbose)
+    comparator = Comparator(data["meta"].get("fixture", kind), verbose)
     with torch.random.fork_rng(devices=[]):
         CHECKERS[kind](data, comparator)
     return comparator.results
