@@ -9,7 +9,9 @@ from repa_e_fast import parity
 
 from _paths import fixture
 
-ALL_FIXTURES = ["sit_forward.pt", "vae_forward.pt", "dinov2_encoder.pt", "vae_loss.pt", "e2e_step.pt", "samplers.pt"]
+ENCODER_FIXTURES = ["encoder_mocov3.pt", "encoder_mae.pt", "encoder_jepa.pt", "encoder_clip.pt"]
+ALL_FIXTURES = ["sit_forward.pt", "vae_forward.pt", "dinov2_encoder.pt", "vae_loss.pt", "e2e_step.pt", "samplers.pt",
+                *ENCODER_FIXTURES]
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +34,8 @@ def test_fixture_parity(name):
     # Each fixture really compares many quantities (a checker that silently compares
     # nothing must not pass).
     minimum = {"sit_forward.pt": 100, "vae_forward.pt": 25, "dinov2_encoder.pt": 35, "vae_loss.pt": 80,
-               "e2e_step.pt": 60, "samplers.pt": 30}
+               "e2e_step.pt": 60, "samplers.pt": 30, "encoder_mocov3.pt": 7, "encoder_mae.pt": 7,
+               "encoder_jepa.pt": 6, "encoder_clip.pt": 6}
     assert len(results) >= minimum[name]
 
 
@@ -44,3 +47,29 @@ def test_sit_fixture_gradients_cover_every_parameter():
     grad_rows = [r for r in results if "/records/train_linear/grads/" in r.name]
     assert len(grad_rows) == 58  # every parameter, pos_embed included (R7)
     assert any(r.name.endswith("/pos_embed") for r in grad_rows)
+
+
+def load_or_skip(name):
+    path = fixture(name)
+    if not os.path.exists(path):
+        pytest.skip(f"reference fixture {path} not present")
+    return parity.load_fixture(path)
+
+
+@pytest.mark.parametrize("name, tensors", [("encoder_mocov3.pt", 186), ("encoder_mae.pt", 30), ("encoder_jepa.pt", 29),
+                                           ("encoder_clip.pt", 31)])
+def test_encoder_fixture_compares_every_loaded_tensor(name, tensors):
+    # MoCo v3: 15 blocks, so the renamed keys of blocks 13/14 (R40) are among them; CLIP:
+    # every visual key but `proj`, which REPA-E never applies.
+    results = parity.run_fixture(load_or_skip(name), verbose=True)
+    rows = [r for r in results if "/state_dict/" in r.name]
+    assert len(rows) == tensors and all(r.passed for r in rows)
+    if name == "encoder_mocov3.pt":
+        assert any(r.name.endswith("/blocks.13.mlp.fc1.weight") for r in rows)
+
+
+def test_encoder_checker_fails_on_a_wrong_target():
+    data = load_or_skip("encoder_mae.pt")
+    data["outputs"]["zs"][0][0, 5, 7] += 2e-3  # one entry of the REPA target
+    failed = {r.name for r in parity.run_fixture(data) if not r.passed}
+    assert failed == {"encoder_mae/zs[0]", "encoder_mae/zs_from_raw_uint8[0]"}

@@ -144,6 +144,11 @@ _STORAGE_DTYPES = {
 }
 
 
+# TorchScript pickles typed lists (e.g. a Conv2d's kernel size) through these helpers.
+_TYPED_LISTS = {name: list for name in ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist")}
+_TYPED_LISTS["restore_type_tag"] = lambda value, _type_string: value
+
+
 class _ScriptObject:
     """Stand-in for a pickled TorchScript module: keeps its attribute dict, nothing else."""
 
@@ -171,6 +176,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
             return _STORAGE_DTYPES[name]
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
+        if module == "torch.jit._pickle" and name in _TYPED_LISTS:
+            return _TYPED_LISTS[name]
         raise CheckpointError(f"{self.path}: the TorchScript archive refers to {module}.{name}, which this reader "
                               "does not rebuild (only modules and tensors are read)")
 

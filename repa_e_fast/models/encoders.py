@@ -282,24 +282,27 @@ def load_encoders(
     specs = parse_enc_type(enc_type, resolution)
     if checkpoint_paths is not None and len(checkpoint_paths) != len(specs):
         raise ValueError(f"{len(specs)} encoders in {enc_type!r} but {len(checkpoint_paths)} checkpoint paths")
-    grid = resolution // 16  # 16x16 at 256 px, 32x32 at 512 px
-    encoders = []
-    for index, spec in enumerate(specs):
+    paths = []
+    for index, spec in enumerate(specs):  # every file checked before any model is built
         path = checkpoint_paths[index] if checkpoint_paths and checkpoint_paths[index] else None
         path = path or os.path.join(pretrained_dir, spec.checkpoint_name)
+        if not os.path.isfile(path) and not allow_random:
+            raise FileNotFoundError(
+                f"encoder checkpoint for {spec} not found: {path}. Get '{spec.checkpoint_name}' "
+                f"({spec.source}) and put it there or pass its path explicitly."
+            )
+        paths.append(path)
+    grid = resolution // 16  # 16x16 at 256 px, 32x32 at 512 px
+    encoders = []
+    for spec, path in zip(specs, paths):
         backbone = build_encoder_backbone(spec, grid=grid, attn_backend=attn_backend)
         if os.path.isfile(path):
             load_official_state_dict(backbone, spec.family, read_official_checkpoint(path), f"{spec} encoder ({path})")
-        elif allow_random:
+        else:
             warnings.warn(
                 "\n" + "!" * 88 + f"\n!! {spec}: no checkpoint at {path}; using RANDOM encoder weights.\n"
                 "!! REPA targets are then meaningless; this is only acceptable for the demo.\n" + "!" * 88,
                 stacklevel=2,
-            )
-        else:
-            raise FileNotFoundError(
-                f"encoder checkpoint for {spec} not found: {path}. Get '{spec.checkpoint_name}' "
-                f"({spec.source}) and put it there or pass its path explicitly."
             )
         encoder = RepresentationEncoder(spec, backbone, resolution).eval().requires_grad_(False)
         encoders.append(encoder.to(device) if device is not None else encoder)
