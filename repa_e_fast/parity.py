@@ -311,10 +311,19 @@ def _bn_after(module: torch.nn.Module, prefix: str, out: Comparator, reference: 
             out.add(f"{prefix}/{name}", buffers[name], value)
 
 
-def build_vae_loss(loss_config: dict, state_dict: dict, extra: Optional[dict] = None):
+def build_vae_loss(loss_config: dict, state_dict: dict, extra: Optional[dict] = None,
+                   discriminator_kwargs: Optional[dict] = None):
+    """The VAE loss module; ``discriminator_kwargs`` replace its PatchGAN before loading (the
+    e2e_trajectory fixture swaps in an ndf=8 one)."""
     from .losses.vae_loss import VAELossConfig, VAERegularizationLoss
+    from .models.discriminator import NLayerDiscriminator
 
     module = VAERegularizationLoss(VAELossConfig.from_official(loss_config))
+    if discriminator_kwargs is not None:
+        kwargs = {k: v for k, v in discriminator_kwargs.items() if k != "use_actnorm"}
+        if discriminator_kwargs.get("use_actnorm"):
+            raise ValueError("use_actnorm=True discriminators are not supported (REPA-E uses BatchNorm)")
+        module.discriminator = NLayerDiscriminator(**kwargs)
     state = dict(state_dict)
     state.update(extra or {})
     own = module.state_dict()
@@ -401,7 +410,8 @@ def build_e2e_step(data: dict):
     if "lecam_regularization_weight" in hp:
         loss_config = {**loss_config, "losses": {**loss_config["losses"],
                                                  "lecam_regularization_weight": hp["lecam_regularization_weight"]}}
-    loss_fn = build_vae_loss(loss_config, states["loss_module"])
+    loss_fn = build_vae_loss(loss_config, states["loss_module"],
+                             discriminator_kwargs=config.get("discriminator", {}).get("kwargs"))
     adam = dict(betas=(hp["adam_beta1"], hp["adam_beta2"]), eps=hp["adam_epsilon"], weight_decay=hp["adam_weight_decay"])
     optimizers = {"sit": build_adamw(sit, hp["learning_rate"], **adam),
                   "vae": build_adamw(vae, hp["vae_learning_rate"], **adam),
@@ -511,6 +521,7 @@ CHECKERS: Dict[str, Callable[[dict, Comparator], None]] = {
     "e2e_step": check_e2e_step,
     "samplers": lambda data, out: _samplers_checker()(data, out),
     "encoder": lambda data, out: _encoder_checker()(data, out),
+    "e2e_trajectory": lambda data, out: _trajectory_checker()(data, out),
 }
 
 
@@ -524,6 +535,12 @@ def _encoder_checker():
     from .parity_encoders import check_encoder  # imports parity's Comparator itself
 
     return check_encoder
+
+
+def _trajectory_checker():
+    from .parity_trajectory import check_e2e_trajectory
+
+    return check_e2e_trajectory
 
 
 def fixture_kind(data: dict) -> Optional[str]:
@@ -540,6 +557,8 @@ def load_fixture(path: str) -> dict:
 def run_fixture(path_or_data, verbose: bool = False) -> List[Result]:
     """Check one fixture (a path or an already loaded dict); returns every comparison."""
     data = load_fixture(path_or_data) if isinstance(path_or_data, str) else path_or_data
+    if isinstance(path_or_data, str):
+        data.setdefault("source_path", path_or_data)  # a fixture may refer to a sibling file
     kind = fixture_kind(data)
     if kind not in CHECKERS:
         raise ValueError(f"unknown fixture kind {kind!r}; supported: {sorted(CHECKERS)}")

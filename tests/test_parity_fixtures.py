@@ -11,7 +11,7 @@ from _paths import fixture
 
 ENCODER_FIXTURES = ["encoder_mocov3.pt", "encoder_mae.pt", "encoder_jepa.pt", "encoder_clip.pt"]
 ALL_FIXTURES = ["sit_forward.pt", "vae_forward.pt", "dinov2_encoder.pt", "vae_loss.pt", "e2e_step.pt", "samplers.pt",
-                *ENCODER_FIXTURES]
+                *ENCODER_FIXTURES, "e2e_trajectory.pt"]
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def test_fixture_parity(name):
     # nothing must not pass).
     minimum = {"sit_forward.pt": 100, "vae_forward.pt": 25, "dinov2_encoder.pt": 35, "vae_loss.pt": 80,
                "e2e_step.pt": 60, "samplers.pt": 30, "encoder_mocov3.pt": 7, "encoder_mae.pt": 7,
-               "encoder_jepa.pt": 6, "encoder_clip.pt": 6}
+               "encoder_jepa.pt": 6, "encoder_clip.pt": 6, "e2e_trajectory.pt": 100}
     assert len(results) >= minimum[name]
 
 
@@ -73,3 +73,31 @@ def test_encoder_checker_fails_on_a_wrong_target():
     data["outputs"]["zs"][0][0, 5, 7] += 2e-3  # one entry of the REPA target
     failed = {r.name for r in parity.run_fixture(data) if not r.passed}
     assert failed == {"encoder_mae/zs[0]", "encoder_mae/zs_from_raw_uint8[0]"}
+
+
+def first_steps_of_the_trajectory(num_steps):
+    """The e2e_trajectory fixture cut to its first steps (snapshot 0 only): seconds, not a minute."""
+    data = load_or_skip("e2e_trajectory.pt")
+    if not os.path.exists(fixture("e2e_step.pt")):
+        pytest.skip("e2e_trajectory takes its LPIPS trunk from e2e_step.pt, which is not present")
+    data["source_path"] = fixture("e2e_trajectory.pt")
+    data["config"]["num_steps"] = num_steps
+    data["outputs"]["snapshots"] = {0: data["outputs"]["snapshots"][0]}
+    return data
+
+
+def test_trajectory_checker_holds_the_discriminator_schedule_exactly():
+    data = first_steps_of_the_trajectory(2)
+    assert all(r.passed for r in parity.run_fixture(data))
+    # A trainer that started the GAN at step 0 (R47) gives a gan_loss where the official has
+    # exactly 0; the schedule is compared exactly, whatever the drift tolerance.
+    data["config"]["loss_config"]["losses"]["discriminator_start"] = 0
+    failed = {r.name for r in parity.run_fixture(data) if not r.passed}
+    assert {"e2e_trajectory/logs/gan_loss", "e2e_trajectory/logs/discriminator_factor"} <= failed
+
+
+def test_trajectory_checker_checks_the_lpips_trunk_by_its_hash():
+    data = first_steps_of_the_trajectory(1)
+    data["config"]["lpips_trunk"] = {**data["config"]["lpips_trunk"], "sha256": "0" * 64}
+    with pytest.raises(ValueError, match="does not match the SHA-256"):
+        parity.run_fixture(data)
