@@ -87,8 +87,10 @@ class Comparator:
         for index, (a, b) in enumerate(zip(ours, reference)):
             self.add(f"{name}[{index}]", a, b, **tol)
 
-    def add_grads(self, name: str, ours: Dict[str, Optional[torch.Tensor]], reference: Dict[str, torch.Tensor]) -> None:
-        """One line for a whole gradient dict (its worst tensor) unless verbose."""
+    def add_grads(self, name: str, ours: Dict[str, Optional[torch.Tensor]], reference: Dict[str, torch.Tensor],
+                  extra_atol: Optional[Dict[str, float]] = None) -> None:
+        """One line for a whole gradient dict (its worst tensor) unless verbose. ``extra_atol``
+        adds a per-tensor slack (the measured sensitivity of a chained gradient)."""
         full = f"{self.prefix}/{name}"
         missing = sorted(set(reference) - set(ours))
         extra = sorted(set(ours) - set(reference))
@@ -103,7 +105,7 @@ class Comparator:
                 rows.append(Result(f"{full}/{key}", math.inf, 0.0, "no gradient"))
                 continue
             scale = ref.abs().max().item() if ref.numel() else 0.0
-            tolerance = GRAD_RTOL * scale + GRAD_GLOBAL_RTOL * global_scale
+            tolerance = GRAD_RTOL * scale + GRAD_GLOBAL_RTOL * global_scale + (extra_atol or {}).get(key, 0.0)
             try:
                 rows.append(Result(f"{full}/{key}", self._error(grad, ref), tolerance))
             except (ValueError, RuntimeError) as problem:
@@ -426,23 +428,35 @@ def build_e2e_step(data: dict):
 
 
 def check_e2e_step(data: dict, out: Comparator) -> None:
+    """The chained step, plus each stage on the reference's own inputs (``parity_stages``):
+    the chained values' tolerances grow by the stage's measured sensitivity."""
+    from .parity_stages import LOG_SOURCES, SENSITIVITY_FACTOR, check_stages
+
     config, inputs, outputs = data["config"], data["inputs"], data["outputs"]
     step, (sit, ema, vae, loss_fn, optimizers) = build_e2e_step(data)
+    initial_modules = build_e2e_step(data)[1]
     lr = config["hparams"]["learning_rate"]
     torch.manual_seed(config["rng_seed"])
     logs = step(inputs["raw_image"], inputs["labels"], inputs.get("global_step", 0), zs=inputs["zs"],
                 time_input=inputs.get("explicit_time_input"), noises=inputs.get("explicit_noises"),
                 keep_intermediate=True)
     inter = logs.pop("intermediate")
+    ref = outputs["intermediate"]
+    sensitivity = check_stages(data, out, initial_modules, step.config, inter["processed_image"])
+
+    def slack(key: str) -> float:
+        return SENSITIVITY_FACTOR * sensitivity.get(key, 0.0)
 
     for key, value in outputs["logs"].items():
-        out.add(f"logs/{key}", logs[key], value)
-    ref = outputs["intermediate"]
+        source = LOG_SOURCES.get(key) or next((f"{group}/{key}" for group in ("vae_loss_dict", "d_loss_dict")
+                                               if key in ref.get(group, {})), key)
+        out.add(f"logs/{key}", logs[key], value, atol=FORWARD_ATOL + slack(source))
     decoder_keys = {"recon_image", "vae_loss_grad_wrt_recon_image"}
     for key in ("processed_image", "moments", "z", "recon_image", "time_input", "noises", "vae_generator_loss",
                 "vae_loss_total", "d_loss", "sit_loss"):
         if key in ref:
-            out.add(f"intermediate/{key}", inter[key], ref[key], atol=DECODER_ATOL if key in decoder_keys else FORWARD_ATOL)
+            atol = DECODER_ATOL if key in decoder_keys else FORWARD_ATOL
+            out.add(f"intermediate/{key}", inter[key], ref[key], atol=atol + slack(key))
     if "posterior_eps" in ref:
         moments = inter["moments"]
         mean, logvar = moments.chunk(2, dim=1)
@@ -450,10 +464,10 @@ def check_e2e_step(data: dict, out: Comparator) -> None:
         out.add("intermediate/posterior_eps", eps, ref["posterior_eps"], atol=1e-4)
     for key in ("vae_loss_grad_wrt_moments", "vae_loss_grad_wrt_z", "vae_loss_grad_wrt_recon_image"):
         if key in ref:
-            out.add(f"intermediate/{key}", inter[key], ref[key], atol=1e-8, rtol=GRAD_RTOL * 10)
+            out.add(f"intermediate/{key}", inter[key], ref[key], atol=1e-8 + slack(key), rtol=GRAD_RTOL * 10)
     for key in ("vae_loss_dict", "d_loss_dict"):
         for name, value in ref.get(key, {}).items():
-            out.add(f"intermediate/{key}/{name}", inter[key][name], value)
+            out.add(f"intermediate/{key}/{name}", inter[key][name], value, atol=FORWARD_ATOL + slack(f"{key}/{name}"))
     for key in ("vae_align", "sit"):
         for name, value in ref.get(key, {}).items():
             if value is None or name in ("time_input", "noises"):
@@ -462,10 +476,11 @@ def check_e2e_step(data: dict, out: Comparator) -> None:
             if isinstance(value, (list, tuple)):
                 out.add_list(f"intermediate/{key}/{name}", ours, value)
             elif torch.is_tensor(value):
-                out.add(f"intermediate/{key}/{name}", ours, value)
+                out.add(f"intermediate/{key}/{name}", ours, value, atol=FORWARD_ATOL + slack(f"{key}/{name}"))
     for key in ("vae_grads_before_clip", "sit_grads_before_clip"):
         if key in ref:
-            out.add_grads(f"intermediate/{key}", inter[key], ref[key])
+            extra = {name: slack(f"{key}/{name}") for name in ref[key]}
+            out.add_grads(f"intermediate/{key}", inter[key], ref[key], extra_atol=extra)
     for key in ("grad_norm_vae", "grad_norm_disc", "grad_norm_sit"):
         if key in ref:
             out.add(f"intermediate/{key}", logs[key], ref[key])
