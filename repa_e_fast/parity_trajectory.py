@@ -28,7 +28,7 @@ import copy
 import hashlib
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
