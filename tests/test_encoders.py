@@ -262,6 +262,12 @@ def test_clip_archive_is_read_without_running_it(tmp_path):
     assert torch.equal(encoder.blocks[1].attn.qkv.weight, model.visual.transformer.resblocks[1].attn.in_proj_weight.float())
     assert torch.equal(encoder.norm.weight, model.visual.ln_post.weight.float())
 
+    # A plain state dict of the vision tower alone (torch.save(model.visual.state_dict())) works too.
+    torch.save(model.visual.state_dict(), tmp_path / "visual.pt")
+    plain = build_backbone("clip", 64, 2, 1, grid=16)
+    enc.load_official_state_dict(plain, "clip", read_official_checkpoint(str(tmp_path / "visual.pt")), "visual")
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), encoder.state_dict().values()))
+
 
 def test_torchscript_reader_refuses_anything_but_tensors(tmp_path):
     class Payload:

@@ -92,8 +92,11 @@ CLIP_BLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 
 def clip_visual_to_state_dict(raw: StateDict, grid: int, prefix: str = "visual.",
                               source: str = "CLIP checkpoint") -> StateDict:
-    """``raw``: a CLIP state dict (``visual.*`` + text tower), or with ``prefix="model."`` the
-    state dict of REPA-E's ``UpdatedVisionTransformer`` wrapper."""
+    """``raw``: a CLIP state dict (``visual.*`` + text tower), the vision tower's own state
+    dict (no prefix), or with ``prefix="model."`` the state dict of REPA-E's
+    ``UpdatedVisionTransformer`` wrapper."""
+    if "conv1.weight" in raw and f"{prefix}conv1.weight" not in raw:
+        prefix = ""  # torch.save(clip_model.visual.state_dict())
     visual = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
     if not visual:
         raise CheckpointError(f"{source} has no {prefix}* keys; is it a CLIP model?")
