@@ -374,4 +374,4 @@ def validate_files(config: TrainConfig) -> None:
 
         for spec in parse_enc_type(config.enc_type, config.resolution):
             need(os.path.join(config.pretrained_dir, spec.checkpoint_name), f"{spec} encoder checkpoint",
-                 f" (the weights of DINOv2's hub entry '{spec.hub_name}'; or allow_random_encoder: true for a demo)")
+                 f" ({spec.source}; or allow_random_encoder: true for a demo)")

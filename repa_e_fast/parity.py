@@ -87,8 +87,10 @@ class Comparator:
         for index, (a, b) in enumerate(zip(ours, reference)):
             self.add(f"{name}[{index}]", a, b, **tol)
 
-    def add_grads(self, name: str, ours: Dict[str, Optional[torch.Tensor]], reference: Dict[str, torch.Tensor]) -> None:
-        """One line for a whole gradient dict (its worst tensor) unless verbose."""
+    def add_grads(self, name: str, ours: Dict[str, Optional[torch.Tensor]], reference: Dict[str, torch.Tensor],
+                  extra_atol: Optional[Dict[str, float]] = None) -> None:
+        """One line for a whole gradient dict (its worst tensor) unless verbose. ``extra_atol``
+        adds a per-tensor slack (the measured sensitivity of a chained gradient)."""
         full = f"{self.prefix}/{name}"
         missing = sorted(set(reference) - set(ours))
         extra = sorted(set(ours) - set(reference))
@@ -103,7 +105,7 @@ class Comparator:
                 rows.append(Result(f"{full}/{key}", math.inf, 0.0, "no gradient"))
                 continue
             scale = ref.abs().max().item() if ref.numel() else 0.0
-            tolerance = GRAD_RTOL * scale + GRAD_GLOBAL_RTOL * global_scale
+            tolerance = GRAD_RTOL * scale + GRAD_GLOBAL_RTOL * global_scale + (extra_atol or {}).get(key, 0.0)
             try:
                 rows.append(Result(f"{full}/{key}", self._error(grad, ref), tolerance))
             except (ValueError, RuntimeError) as problem:
@@ -311,10 +313,19 @@ def _bn_after(module: torch.nn.Module, prefix: str, out: Comparator, reference: 
             out.add(f"{prefix}/{name}", buffers[name], value)
 
 
-def build_vae_loss(loss_config: dict, state_dict: dict, extra: Optional[dict] = None):
+def build_vae_loss(loss_config: dict, state_dict: dict, extra: Optional[dict] = None,
+                   discriminator_kwargs: Optional[dict] = None):
+    """The VAE loss module; ``discriminator_kwargs`` replace its PatchGAN before loading (the
+    e2e_trajectory fixture swaps in an ndf=8 one)."""
     from .losses.vae_loss import VAELossConfig, VAERegularizationLoss
+    from .models.discriminator import NLayerDiscriminator
 
     module = VAERegularizationLoss(VAELossConfig.from_official(loss_config))
+    if discriminator_kwargs is not None:
+        kwargs = {k: v for k, v in discriminator_kwargs.items() if k != "use_actnorm"}
+        if discriminator_kwargs.get("use_actnorm"):
+            raise ValueError("use_actnorm=True discriminators are not supported (REPA-E uses BatchNorm)")
+        module.discriminator = NLayerDiscriminator(**kwargs)
     state = dict(state_dict)
     state.update(extra or {})
     own = module.state_dict()
@@ -401,7 +412,8 @@ def build_e2e_step(data: dict):
     if "lecam_regularization_weight" in hp:
         loss_config = {**loss_config, "losses": {**loss_config["losses"],
                                                  "lecam_regularization_weight": hp["lecam_regularization_weight"]}}
-    loss_fn = build_vae_loss(loss_config, states["loss_module"])
+    loss_fn = build_vae_loss(loss_config, states["loss_module"],
+                             discriminator_kwargs=config.get("discriminator", {}).get("kwargs"))
     adam = dict(betas=(hp["adam_beta1"], hp["adam_beta2"]), eps=hp["adam_epsilon"], weight_decay=hp["adam_weight_decay"])
     optimizers = {"sit": build_adamw(sit, hp["learning_rate"], **adam),
                   "vae": build_adamw(vae, hp["vae_learning_rate"], **adam),
@@ -416,23 +428,35 @@ def build_e2e_step(data: dict):
 
 
 def check_e2e_step(data: dict, out: Comparator) -> None:
+    """The chained step, plus each stage on the reference's own inputs (``parity_stages``):
+    the chained values' tolerances grow by the stage's measured sensitivity."""
+    from .parity_stages import LOG_SOURCES, SENSITIVITY_FACTOR, check_stages
+
     config, inputs, outputs = data["config"], data["inputs"], data["outputs"]
     step, (sit, ema, vae, loss_fn, optimizers) = build_e2e_step(data)
+    initial_modules = build_e2e_step(data)[1]
     lr = config["hparams"]["learning_rate"]
     torch.manual_seed(config["rng_seed"])
     logs = step(inputs["raw_image"], inputs["labels"], inputs.get("global_step", 0), zs=inputs["zs"],
                 time_input=inputs.get("explicit_time_input"), noises=inputs.get("explicit_noises"),
                 keep_intermediate=True)
     inter = logs.pop("intermediate")
+    ref = outputs["intermediate"]
+    sensitivity = check_stages(data, out, initial_modules, step.config, inter["processed_image"])
+
+    def slack(key: str) -> float:
+        return SENSITIVITY_FACTOR * sensitivity.get(key, 0.0)
 
     for key, value in outputs["logs"].items():
-        out.add(f"logs/{key}", logs[key], value)
-    ref = outputs["intermediate"]
+        source = LOG_SOURCES.get(key) or next((f"{group}/{key}" for group in ("vae_loss_dict", "d_loss_dict")
+                                               if key in ref.get(group, {})), key)
+        out.add(f"logs/{key}", logs[key], value, atol=FORWARD_ATOL + slack(source))
     decoder_keys = {"recon_image", "vae_loss_grad_wrt_recon_image"}
     for key in ("processed_image", "moments", "z", "recon_image", "time_input", "noises", "vae_generator_loss",
                 "vae_loss_total", "d_loss", "sit_loss"):
         if key in ref:
-            out.add(f"intermediate/{key}", inter[key], ref[key], atol=DECODER_ATOL if key in decoder_keys else FORWARD_ATOL)
+            atol = DECODER_ATOL if key in decoder_keys else FORWARD_ATOL
+            out.add(f"intermediate/{key}", inter[key], ref[key], atol=atol + slack(key))
     if "posterior_eps" in ref:
         moments = inter["moments"]
         mean, logvar = moments.chunk(2, dim=1)
@@ -440,10 +464,10 @@ def check_e2e_step(data: dict, out: Comparator) -> None:
         out.add("intermediate/posterior_eps", eps, ref["posterior_eps"], atol=1e-4)
     for key in ("vae_loss_grad_wrt_moments", "vae_loss_grad_wrt_z", "vae_loss_grad_wrt_recon_image"):
         if key in ref:
-            out.add(f"intermediate/{key}", inter[key], ref[key], atol=1e-8, rtol=GRAD_RTOL * 10)
+            out.add(f"intermediate/{key}", inter[key], ref[key], atol=1e-8 + slack(key), rtol=GRAD_RTOL * 10)
     for key in ("vae_loss_dict", "d_loss_dict"):
         for name, value in ref.get(key, {}).items():
-            out.add(f"intermediate/{key}/{name}", inter[key][name], value)
+            out.add(f"intermediate/{key}/{name}", inter[key][name], value, atol=FORWARD_ATOL + slack(f"{key}/{name}"))
     for key in ("vae_align", "sit"):
         for name, value in ref.get(key, {}).items():
             if value is None or name in ("time_input", "noises"):
@@ -452,10 +476,11 @@ def check_e2e_step(data: dict, out: Comparator) -> None:
             if isinstance(value, (list, tuple)):
                 out.add_list(f"intermediate/{key}/{name}", ours, value)
             elif torch.is_tensor(value):
-                out.add(f"intermediate/{key}/{name}", ours, value)
+                out.add(f"intermediate/{key}/{name}", ours, value, atol=FORWARD_ATOL + slack(f"{key}/{name}"))
     for key in ("vae_grads_before_clip", "sit_grads_before_clip"):
         if key in ref:
-            out.add_grads(f"intermediate/{key}", inter[key], ref[key])
+            extra = {name: slack(f"{key}/{name}") for name in ref[key]}
+            out.add_grads(f"intermediate/{key}", inter[key], ref[key], extra_atol=extra)
     for key in ("grad_norm_vae", "grad_norm_disc", "grad_norm_sit"):
         if key in ref:
             out.add(f"intermediate/{key}", logs[key], ref[key])
@@ -510,6 +535,8 @@ CHECKERS: Dict[str, Callable[[dict, Comparator], None]] = {
     "vae_loss": check_vae_loss,
     "e2e_step": check_e2e_step,
     "samplers": lambda data, out: _samplers_checker()(data, out),
+    "encoder": lambda data, out: _encoder_checker()(data, out),
+    "e2e_trajectory": lambda data, out: _trajectory_checker()(data, out),
 }
 
 
@@ -519,6 +546,25 @@ def _samplers_checker():
     return check_samplers
 
 
+def _encoder_checker():
+    from .parity_encoders import check_encoder  # imports parity's Comparator itself
+
+    return check_encoder
+
+
+def _trajectory_checker():
+    from .parity_trajectory import check_e2e_trajectory
+
+    return check_e2e_trajectory
+
+
+def fixture_kind(data: dict) -> Optional[str]:
+    """``meta.kind`` where a fixture has it (one kind, several files: ``encoder_*``), else
+    ``meta.fixture``."""
+    meta = data.get("meta", {})
+    return meta.get("kind") or meta.get("fixture")
+
+
 def load_fixture(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -526,10 +572,12 @@ def load_fixture(path: str) -> dict:
 def run_fixture(path_or_data, verbose: bool = False) -> List[Result]:
     """Check one fixture (a path or an already loaded dict); returns every comparison."""
     data = load_fixture(path_or_data) if isinstance(path_or_data, str) else path_or_data
-    kind = data.get("meta", {}).get("fixture")
+    if isinstance(path_or_data, str):
+        data.setdefault("source_path", path_or_data)  # a fixture may refer to a sibling file
+    kind = fixture_kind(data)
     if kind not in CHECKERS:
         raise ValueError(f"unknown fixture kind {kind!r}; supported: {sorted(CHECKERS)}")
-    comparator = Comparator(kind, verbose)
+    comparator = Comparator(data["meta"].get("fixture", kind), verbose)
     with torch.random.fork_rng(devices=[]):
         CHECKERS[kind](data, comparator)
     return comparator.results

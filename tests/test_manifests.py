@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from repa_e_fast.models.discriminator import NLayerDiscriminator
-from repa_e_fast.models.encoders import EncoderSpec, build_dinov2
+from repa_e_fast.models.encoder_checkpoints import clip_visual_to_state_dict, official_to_state_dict
+from repa_e_fast.models.encoders import EncoderSpec, build_dinov2, build_encoder_backbone, parse_enc_type
 from repa_e_fast.models.lpips import LPIPS
 from repa_e_fast.models.sit import build_sit
 from repa_e_fast.models.vae import build_vae
@@ -20,6 +21,10 @@ SIT_KWARGS = dict(num_classes=1000, class_dropout_prob=0.1, z_dims=[768], encode
 
 def dinov2(config, registers, grid):
     return lambda: build_dinov2(EncoderSpec("dinov2reg" if registers else "dinov2", "vit", config), grid=grid)
+
+
+def encoder(enc_type):
+    return lambda: build_encoder_backbone(parse_enc_type(enc_type)[0], grid=16)
 
 
 BUILDERS = {
@@ -39,6 +44,24 @@ BUILDERS = {
     "dinov2_vitl14_repae_256": dinov2("l", False, 16),
     "dinov2_vitg14_repae_256": dinov2("g", False, 16),
     "dinov2_vitb14_reg_repae_256": dinov2("b", True, 16),
+    # Same key names as the official encoder after load_encoders (timm layout).
+    "mocov3_vits16_repae_256": encoder("mocov3-vit-s"),
+    "mocov3_vitb16_repae_256": encoder("mocov3-vit-b"),
+    "mocov3_vitl16_repae_256": encoder("mocov3-vit-l"),
+    "mae_vitl16_repae_256": encoder("mae-vit-l"),
+    "ijepa_vith14_repae_256": encoder("jepa-vit-h"),
+}
+
+# Official file layouts (and CLIP, whose keys we rename): manifest -> what the official
+# loader reads -> our conversion -> strict load into our full-size encoder.
+OFFICIAL_FILES = {
+    "mocov3_vits16_checkpoint": ("mocov3-vit-s", lambda state: {"state_dict": state}),
+    "mocov3_vitb16_checkpoint": ("mocov3-vit-b", lambda state: {"state_dict": state}),
+    "mocov3_vitl16_checkpoint": ("mocov3-vit-l", lambda state: {"state_dict": state}),
+    "mae_vitl16_checkpoint": ("mae-vit-l", lambda state: {"model": state}),
+    "ijepa_vith14_checkpoint": ("jepa-vit-h", lambda state: {"encoder": state}),
+    # clip.load(...).visual: the archive holds these keys under "visual." (with the text tower)
+    "clip_vitl14_visual": ("clip-vit-L", lambda state: {f"visual.{k}": v for k, v in state.items()}),
 }
 
 
@@ -65,6 +88,53 @@ def test_state_dict_matches_manifest(name):
         assert list(state[key].shape) == entry["shape"], key
         assert str(state[key].dtype).removeprefix("torch.") == entry["dtype"], key
     assert elapsed < 1.0, f"building {name} on meta took {elapsed:.2f}s"
+
+
+def meta_state(manifest):
+    dtypes = {"float32": torch.float32, "int64": torch.int64}
+    return {k: torch.empty(e["shape"], dtype=dtypes[e["dtype"]], device="meta") for k, e in manifest.items()}
+
+
+def strict_meta_load(enc_type, state):
+    with torch.device("meta"):
+        module = encoder(enc_type)()
+    module.load_state_dict(state, strict=True)  # raises on any missing/unexpected key or shape
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_FILES))
+def test_official_encoder_file_loads_strictly(name):
+    enc_type, as_file = OFFICIAL_FILES[name]
+    manifest = load_manifest(name)
+    family = parse_enc_type(enc_type)[0].family
+    state = official_to_state_dict(family, as_file(meta_state(manifest)), 16, name)
+    module = strict_meta_load(enc_type, state)
+    assert module.pos_embed.shape[1] == 256 + int(family != "jepa")
+    if name == "mocov3_vitl16_checkpoint":  # the ViT-L file's misnamed keys (R40) are really there
+        assert "module.base_encoder.blocks.13.norm13.weight" in manifest
+        assert "module.base_encoder.blocks.14.mlp.fc14.weight" in manifest
+
+
+def test_clip_repae_encoder_maps_onto_ours():
+    # REPA-E's UpdatedVisionTransformer: "model." + the visual keys; ln_post is our unused
+    # `norm`, proj (image-text projection) is dropped.
+    manifest = load_manifest("clip_vitl14_repae_256")
+    state = clip_visual_to_state_dict(meta_state(manifest), 16, prefix="model.")
+    assert len(state) == len(manifest) - 1 and "norm.weight" in state
+    module = strict_meta_load("clip-vit-L", state)
+    assert module.embed_dim == 1024 and module.blocks[0].attn.num_heads == 16
+
+
+def test_encoder_manifest_index_is_covered():
+    index = load_manifest("index_encoders")
+    covered = set(BUILDERS) | set(OFFICIAL_FILES) | {"clip_vitl14_repae_256"}
+    assert set(index) <= covered, set(index) - covered
+    for name, entry in index.items():
+        if name in BUILDERS:
+            with torch.device("meta"):
+                module = BUILDERS[name]()
+            assert len(module.state_dict()) == entry["num_keys"], name
+            assert sum(t.numel() for t in module.state_dict().values()) == entry["num_elements"], name
 
 
 def test_manifest_index_is_covered():

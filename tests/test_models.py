@@ -201,7 +201,7 @@ def test_dinov2_registers_and_runtime_interpolation():
 def test_enc_type_parsing_and_missing_checkpoint(tmp_path):
     specs = parse_enc_type("dinov2-vit-b,dinov2reg-vit-l")
     assert [s.checkpoint_name for s in specs] == ["dinov2_vitb14_pretrain.pth", "dinov2_vitl14_reg4_pretrain.pth"]
-    for bad in ("dinov2-vit", "mocov3-vit-b", "dinov2-vit-x"):
+    for bad in ("dinov2-vit", "dinov1-vit-b", "dinov2-vit-x"):
         with pytest.raises(ValueError):
             parse_enc_type(bad)
     with pytest.raises(FileNotFoundError, match="dinov2_vits14_pretrain.pth"):

@@ -37,7 +37,7 @@ def test_official_flags_override_the_yaml(tmp_path):
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"cfg_prob": 1.5}, "cfg_prob must be in [0, 1)"),
     ({"train_mode": "ldm"}, "needs latents_path"),
-    ({"enc_type": "mocov3-vit-b"}, "not implemented"),
+    ({"enc_type": "dinov1-vit-b"}, "cannot run DINOv1"),
 ])
 def test_config_errors_are_one_clear_line(values, message):
     with pytest.raises(ConfigError) as error:

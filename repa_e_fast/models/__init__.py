@@ -2,7 +2,7 @@
 
 - ``SiT`` / ``build_sit("SiT-XL/2", ...)``: the diffusion transformer with REPA projectors
 - ``AutoencoderKL`` / ``build_vae("f8d4" | "f16d32")``: the VAE
-- ``load_encoders("dinov2-vit-b", ...)``: frozen DINOv2 representation encoders
+- ``load_encoders("dinov2-vit-b,clip-vit-L", ...)``: frozen REPA target encoders (DINOv2, MoCo v3, MAE, I-JEPA, CLIP)
 - ``LPIPS``, ``NLayerDiscriminator``: the VAE regularisation networks
 - ``load_weights`` and friends: strict loading from local files with clear errors
 """
