@@ -1,0 +1,70 @@
+"""Bad inputs an adversarial user tried (issue 16): each is one clear line and exit code 2
+before any model is built, or a counted skip for bad data, never a silent wrong result."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from repa_e_fast.config import ConfigError, make_config
+from repa_e_fast.train import main as train_main
+
+
+# -- configuration ----------------------------------------------------------------------------
+@pytest.mark.parametrize("values, message", [
+    ({"model_overrides": {"depht": 2}},
+     "model_overrides: unknown SiT argument 'depht' (did you mean 'depth'?); valid: input_size, patch_size"),
+    ({"model_overrides": "depth: 2"}, "model_overrides must be a mapping"),
+    ({"model_overrides": {"depth": 2.5}}, "model_overrides.depth must be an integer, got 2.5"),
+    ({"batch_size": 2.5}, "batch_size must be an integer, got 2.5 (float)"),
+    ({"batch_size": 8.0}, "batch_size must be an integer, got 8.0 (float)"),
+    ({"batch_size": True}, "batch_size must be an integer, got True (bool)"),
+    ({"max_train_steps": "ten"}, "max_train_steps must be an integer"),
+    ({"learning_rate": True}, "learning_rate must be a number"),
+    ({"learning_rate": "nan"}, "learning_rate must be a finite number"),
+    ({"exp_name": 3}, "exp_name must be a string"),
+    ({"hflip": 1}, "hflip must be true or false"),
+    ({"encoder_ckpts": "a.pt"}, "encoder_ckpts must be a list"),
+    ({"adam_beta1": 1.5}, "adam_beta1 must be in [0, 1), got 1.5"),
+    ({"adam_beta2": -0.1}, "adam_beta2 must be in [0, 1), got -0.1"),
+    ({"adam_epsilon": -1}, "adam_epsilon must be > 0, got -1.0"),
+    ({"adam_weight_decay": -0.5}, "adam_weight_decay must be >= 0"),
+    ({"report_to": "foo"}, "report_to must be a comma list of jsonl, tensorboard, wandb, got 'foo'"),
+    ({"report_to": "jsonl,tensorbord"}, "report_to must be a comma list"),
+    ({"device": "cuda"}, "CUDA is not available"),
+    ({"device": "tpu"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    ({"attn_backend": "flash_attn"}, "needs the 'flash_attn' package"),
+])
+def test_bad_config_values_are_one_clear_line(values, message):
+    if "device" in values and values["device"] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if values.get("attn_backend") == "flash_attn" and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash_attn is installed here")
+    with pytest.raises(ConfigError) as error:
+        make_config(values)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_valid_values_still_pass():
+    config = make_config({"learning_rate": "1e-4", "batch_size": "8", "model_overrides": {"depth": 2},
+                          "encoder_depth": 1, "report_to": "jsonl, tensorboard", "device": "cpu", "hflip": "true"})
+    assert (config.learning_rate, config.batch_size, config.hflip) == (1e-4, 8, True)
+    assert config.sit_kwargs()["depth"] == 2
+
+
+@pytest.mark.parametrize("content", [
+    bytes(np.random.default_rng(0).integers(0, 256, 512, dtype=np.uint8)),  # binary garbage
+    b"\x00\x01\x02model: SiT-B/2\n",
+    b"model: [SiT-B/2\nbatch_size: 4\n",  # broken YAML: the error spans lines in PyYAML
+    b"model_overrides: depth 2\n",  # a string, not a mapping
+    b"batch_size: 2.5\n",
+    b"adam_beta1: 1.5\n",
+])
+def test_train_cli_exits_2_with_one_line_for_bad_yaml(tmp_path, capsys, content):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(content)
+    assert train_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
