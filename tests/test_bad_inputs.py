@@ -68,3 +68,77 @@ def test_train_cli_exits_2_with_one_line_for_bad_yaml(tmp_path, capsys, content)
     assert train_main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+# -- image folders ----------------------------------------------------------------------------
+def _image_folder(root, layout):
+    from test_data_common import jpeg_bytes, natural_image
+
+    for seed, rel in enumerate(layout):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg_bytes(natural_image(40, 36, seed)))
+
+
+def test_directory_symlink_loop_lists_each_image_once(tmp_path):
+    from repa_e_fast.data import build_image_loader
+    from repa_e_fast.data.sources import scan_image_folder
+
+    root = tmp_path / "raw"
+    _image_folder(root, ["c0/a.jpg", "c0/b.jpg", "c1/c.jpg", "c1/sub/d.jpg"])
+    os.symlink(root, root / "c0" / "loop")  # back to the root: a loop
+    os.symlink(root / "c1" / "sub", root / "c0" / "alias")  # a second name for a real folder
+    relpaths, labels, classes, _ = scan_image_folder(str(root))
+    assert relpaths == ["c0/a.jpg", "c0/b.jpg", "c1/c.jpg", "c1/sub/d.jpg"]
+    assert labels.tolist() == [0, 0, 1, 1] and classes == ["c0", "c1"]
+    # A symlinked class folder outside the tree is still followed (once).
+    _image_folder(tmp_path / "elsewhere", ["e.jpg"])
+    os.symlink(tmp_path / "elsewhere", root / "c2")
+    os.symlink(tmp_path / "elsewhere", root / "c1" / "again")
+    loader = build_image_loader(root, 5, resolution=32, shuffle=False, num_workers=0)
+    assert loader.num_images == 5 and loader.num_classes == 3
+
+
+def test_fifo_named_like_an_image_is_skipped_and_counted(tmp_path):
+    import threading
+
+    from repa_e_fast.data import build_image_loader
+
+    root = tmp_path / "raw"
+    _image_folder(root, ["c0/a.jpg", "c0/c.jpg", "c1/d.jpg"])
+    os.mkfifo(root / "c0" / "b.jpg")  # nothing ever writes to it
+    loader = build_image_loader(root, 4, resolution=32, shuffle=False, num_workers=0, return_indices=True)
+    batches = []
+    reader = threading.Thread(target=lambda: batches.extend(loader), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the loader hangs on the FIFO"
+    (_, labels, indices), = batches
+    assert indices.tolist() == [0, 2, 2, 3] and labels.tolist() == [0, 0, 0, 1]
+    assert loader.stats["bad_images"] == 1
+
+
+def test_very_wide_image_is_refused_from_its_header(tmp_path):
+    from PIL import Image
+
+    from repa_e_fast.data import build_image_loader
+    from repa_e_fast.data.crop import BadImage, decode_rgb
+
+    root = tmp_path / "raw"
+    _image_folder(root, ["c0/a.jpg", "c0/c.jpg"])
+    Image.new("RGB", (6000, 2), (200, 10, 10)).save(root / "c0" / "b.png")  # 151 bytes, 3000:1
+    with pytest.raises(BadImage, match="6000x2 is too elongated"):
+        decode_rgb((root / "c0" / "b.png").read_bytes())
+    loader = build_image_loader(root, 3, resolution=32, shuffle=False, num_workers=0, return_indices=True)
+    (_, _, indices), = list(loader)
+    assert indices.tolist() == [0, 2, 2] and loader.stats["bad_images"] == 1
+    # A merely wide photograph (4:1) is still used.
+    assert decode_rgb(_png(Image.new("RGB", (160, 40))))[0].size == (160, 40)
+
+
+def _png(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
