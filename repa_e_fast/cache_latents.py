@@ -131,6 +131,15 @@ def main(argv=None) -> int:
     if args.vae_ckpt and not os.path.isfile(args.vae_ckpt):
         print(f"error: VAE checkpoint not found: {args.vae_ckpt}", file=sys.stderr)
         return 2
+    if args.vae_ckpt:
+        from .generate import verify_enclosing_checkpoint
+        from .models.checkpoints import CheckpointError
+
+        try:
+            verify_enclosing_checkpoint(args.vae_ckpt)
+        except CheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if not os.path.exists(args.data_dir):
         print(f"error: dataset not found: {args.data_dir}", file=sys.stderr)
         return 2

@@ -142,3 +142,86 @@ def _png(image):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# -- checkpoints whose manifest fails ---------------------------------------------------------
+RUN_ARGS = dict(model="SiT-S/2", vae="f8d4", enc_type="dinov2-vit-s", resolution=32, num_classes=10, cfg_prob=0.1,
+                encoder_depth=2, projector_dim=64)
+
+
+def _flip_a_weight_byte(path):
+    """Flip one bit in the middle of the largest tensor of a torch.save file: the file still
+    loads, one weight is wrong."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as handle:
+        handle.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+        offset = info.header_offset + 30 + name_length + extra_length + info.file_size // 2
+        handle.seek(offset)
+        byte = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([byte ^ 0x40]))
+
+
+@pytest.fixture()
+def damaged_checkpoint(tmp_path):
+    """``<exp>/checkpoints/0000005/official.pt`` with its MANIFEST.json, then one weight
+    bit flipped (the file still loads)."""
+    import argparse
+
+    from repa_e_fast.engine.checkpoint import verify_checkpoint, write_manifest
+    from repa_e_fast.models import NLayerDiscriminator, build_sit, build_vae
+
+    torch.manual_seed(0)
+    sit = build_sit("SiT-S/2", input_size=4, in_channels=4, num_classes=10, z_dims=[384], encoder_depth=2,
+                    projector_dim=64)
+    directory = tmp_path / "exp" / "checkpoints" / "0000005"
+    directory.mkdir(parents=True)
+    torch.save({"ema": sit.state_dict(), "vae": build_vae("f8d4", ch=32).state_dict(),
+                "discriminator": NLayerDiscriminator(ndf=8).state_dict(),
+                "args": argparse.Namespace(**RUN_ARGS), "steps": 5}, directory / "official.pt")
+    write_manifest(directory, 5)
+    assert verify_checkpoint(directory) is None
+    _flip_a_weight_byte(directory / "official.pt")
+    torch.load(directory / "official.pt", weights_only=False)  # still a loadable file
+    return directory / "official.pt"
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_generate_refuses_a_checkpoint_whose_manifest_fails(damaged_checkpoint, tmp_path, capsys):
+    from repa_e_fast import generate
+
+    argv = ["--ckpt", str(damaged_checkpoint), "--sample-dir", str(tmp_path / "samples"), "--num-fid-samples", "2",
+            "--pproc-batch-size", "2", "--num-steps", "1"]
+    assert generate.main(argv) == 2
+    assert "official.pt fails its CRC-32 check" in _one_error_line(capsys)
+    assert not (tmp_path / "samples").exists()
+
+
+def test_extract_vae_refuses_a_checkpoint_whose_manifest_fails(damaged_checkpoint, tmp_path, capsys):
+    from repa_e_fast import extract_vae
+
+    assert extract_vae.main(["--ckpt", str(damaged_checkpoint), "--save-dir", str(tmp_path / "out"),
+                             "--name", "e2e"]) == 2
+    assert "official.pt fails its CRC-32 check" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cache_latents_refuses_a_checkpoint_whose_manifest_fails(damaged_checkpoint, tmp_path, capsys):
+    from repa_e_fast import cache_latents
+
+    _image_folder(tmp_path / "raw", ["c0/a.jpg", "c1/b.jpg"])
+    assert cache_latents.main(["--data-dir", str(tmp_path / "raw"), "--output", str(tmp_path / "cache"),
+                               "--vae", "f8d4", "--vae-ch", "32", "--vae-ckpt", str(damaged_checkpoint),
+                               "--resolution", "32", "--num-workers", "0"]) == 2
+    assert "official.pt fails its CRC-32 check" in _one_error_line(capsys)
+    assert not (tmp_path / "cache").exists()
