@@ -225,3 +225,78 @@ def test_cache_latents_refuses_a_checkpoint_whose_manifest_fails(damaged_checkpo
                                "--resolution", "32", "--num-workers", "0"]) == 2
     assert "official.pt fails its CRC-32 check" in _one_error_line(capsys)
     assert not (tmp_path / "cache").exists()
+
+
+# -- latent caches ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def latent_cache(tmp_path_factory):
+    """A cache_latents output of 8 images (32 px, random f8d4 VAE): 8 records of [8, 4, 4]."""
+    from repa_e_fast import cache_latents
+
+    root = tmp_path_factory.mktemp("cache")
+    _image_folder(root / "raw", [f"c{i % 2}/{i}.jpg" for i in range(8)])
+    assert cache_latents.main(["--data-dir", str(root / "raw"), "--output", str(root / "cache"), "--vae", "f8d4",
+                               "--vae-ch", "32", "--allow-random-vae", "--resolution", "32", "--batch-size", "4",
+                               "--num-workers", "0", "--data-backend", "torch"]) == 0
+    return root / "cache"
+
+
+def _copy_of(cache, tmp_path):
+    import shutil
+
+    return shutil.copytree(cache, tmp_path / "cache")
+
+
+def _flip_bit(path, offset):
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([byte ^ 0x40]))
+
+
+@pytest.mark.parametrize("file, where, record", [
+    ("latents.rec", "record", 5),
+    ("latents.rec", "label", 2),
+])
+def test_bit_flip_in_a_latent_cache_is_reported_by_file_and_record(latent_cache, tmp_path, file, where, record):
+    from repa_e_fast.data.cached_latents import CachedLatentLoader
+    from repa_e_fast.data.records import read_header
+    from repa_e_fast.data.sources import DatasetError
+
+    cache = _copy_of(latent_cache, tmp_path)
+    loader = CachedLatentLoader(cache, 4, shuffle=True, seed=1)
+    assert len(list(loader)) == 2  # intact: a clean epoch
+    info = read_header(cache / file)
+    offset = info.labels_offset + 8 * record if where == "label" else info.data_offset + record * info.record_bytes
+    _flip_bit(cache / file, offset + 3)
+    loader = CachedLatentLoader(cache, 4, shuffle=True, seed=1)  # opens: the header still agrees
+    with pytest.raises(DatasetError) as error:
+        for _ in loader:
+            pass
+    message = str(error.value)
+    assert f"{file}': record {record} fails its CRC-32 check" in message
+    assert "\n" not in message
+
+
+def test_latent_cache_readers_stay_paired_across_epochs(latent_cache):
+    from repa_e_fast.data.cached_latents import CachedLatentLoader
+
+    loader = CachedLatentLoader(latent_cache, 4, shuffle=True, seed=3)
+    for epoch in range(3):
+        assert len(list(loader)) == 2, f"epoch {epoch}"
+        assert loader.latents.state_dict() == loader.images.state_dict()
+        assert loader.epoch == epoch + 1
+
+
+def test_truncated_latent_cache_is_one_line_and_exit_2_at_open(latent_cache, tmp_path, capsys):
+    from _train_helpers import TINY
+
+    cache = _copy_of(latent_cache, tmp_path)
+    size = os.path.getsize(cache / "latents.rec")
+    os.truncate(cache / "latents.rec", size - 100)
+    argv = [*TINY, "--num-classes", "2", "--train-mode", "ldm", "--latents-path", str(cache), "--max-train-steps",
+            "1", "--output-dir", str(tmp_path / "out"), "--exp-name", "run"]
+    assert train_main(argv) == 2
+    err = _one_error_line(capsys)
+    assert "latents.rec" in err and "truncated" in err
