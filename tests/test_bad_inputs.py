@@ -300,3 +300,23 @@ def test_truncated_latent_cache_is_one_line_and_exit_2_at_open(latent_cache, tmp
     assert train_main(argv) == 2
     err = _one_error_line(capsys)
     assert "latents.rec" in err and "truncated" in err
+
+
+def test_prepare_skips_a_fifo_and_a_very_wide_image(tmp_path):
+    import threading
+
+    from PIL import Image
+
+    from repa_e_fast.data.prepare import prepare
+
+    root = tmp_path / "raw"
+    _image_folder(root, ["c0/a.jpg", "c1/d.jpg"])
+    os.mkfifo(root / "c0" / "b.jpg")
+    Image.new("RGB", (6000, 2)).save(root / "c1" / "wide.png")
+    summary = {}
+    worker = threading.Thread(target=lambda: summary.update(
+        prepare(root, tmp_path / "prep", resolution=32, workers=1, shard_size=4, progress=False)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "prepare hangs on the FIFO"
+    assert summary["num_images"] == 2 and summary["bad_images"] == 2

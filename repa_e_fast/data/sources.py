@@ -60,6 +60,16 @@ def image_extensions() -> frozenset:
 # --------------------------------------------------------------------------- folder
 
 
+def read_regular_file(path: str) -> bytes:
+    """The bytes of ``path``; ``OSError`` unless it is a regular file. Opened non-blocking, so
+    a FIFO named ``x.jpg`` does not wait for a writer, and a device is never read from."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read()
+
+
 def _resolve_folder_root(path: str) -> str:
     if os.path.isfile(os.path.join(path, "dataset.json")):
         return path
@@ -174,13 +184,7 @@ class FolderSource:
         return self._relpaths[index].decode("utf-8")
 
     def read(self, index: int) -> bytes:
-        # O_NONBLOCK: opening a FIFO named x.jpg must not wait for a writer; anything but a
-        # regular file (FIFO, device, socket) is refused as unreadable.
-        fd = os.open(self.name(index), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(f"{self.name(index)} is not a regular file")
-            return f.read()
+        return read_regular_file(self.name(index))
 
 
 # --------------------------------------------------------------------------- h5
