@@ -9,6 +9,7 @@ built (values, combinations, files) and raises ``ConfigError`` with one clear li
 """
 
 import argparse
+import collections.abc
 import dataclasses
 import difflib
 import inspect
@@ -248,9 +249,9 @@ def check_type(name: str, value: Any, hint: Any) -> Any:
         return number if math.isfinite(number) else fail("a finite number")
     if origin is str:
         return value if isinstance(value, str) else fail("a string (quote it in YAML)")
-    if origin in (dict, Dict):
+    if origin is dict:
         return value if isinstance(value, dict) else fail("a mapping, e.g. {depth: 2}")
-    if origin in (list, List, Sequence):
+    if origin in (list, collections.abc.Sequence):
         if isinstance(value, (list, tuple)):
             return list(value)
         fail("a list")
