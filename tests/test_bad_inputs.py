@@ -118,7 +118,10 @@ def test_fifo_named_like_an_image_is_skipped_and_counted(tmp_path):
     assert loader.stats["bad_images"] == 1
 
 
-def test_very_wide_image_is_refused_from_its_header(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_very_wide_image_is_refused_from_its_header(tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
     from PIL import Image
 
     from repa_e_fast.data import build_image_loader
@@ -129,7 +132,8 @@ def test_very_wide_image_is_refused_from_its_header(tmp_path):
     Image.new("RGB", (6000, 2), (200, 10, 10)).save(root / "c0" / "b.png")  # 151 bytes, 3000:1
     with pytest.raises(BadImage, match="6000x2 is too elongated"):
         decode_rgb((root / "c0" / "b.png").read_bytes())
-    loader = build_image_loader(root, 3, resolution=32, shuffle=False, num_workers=0, return_indices=True)
+    loader = build_image_loader(root, 3, resolution=32, shuffle=False, num_workers=0, return_indices=True,
+                                backend=backend)
     (_, _, indices), = list(loader)
     assert indices.tolist() == [0, 2, 2] and loader.stats["bad_images"] == 1
     # A merely wide photograph (4:1) is still used.
