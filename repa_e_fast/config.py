@@ -284,6 +284,8 @@ def load_yaml(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         # YAML errors span several lines (with a caret under the spot): keep one.
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
