@@ -57,7 +57,7 @@ class CachedLatentLoader:
                 logger.warning("cached latents at %s have no per-record checksums (written by an older "
                                "cache_latents): verifying %s in one pass", directory, LATENTS_FILE)
                 self.latents.verify()
-        except (ValueError, UnicodeDecodeError) as error:  # record-file checks; json errors are ValueErrors
+        except ValueError as error:  # record-file checks; JSON and decoding errors are ValueErrors too
             raise DatasetError(f"cached latents at {directory}: {error}") from None
         if self.latents.num_records != self.images.num_records:
             raise DatasetError(f"cached latents at {directory}: {self.latents.num_records} latents but "
@@ -81,10 +81,11 @@ class CachedLatentLoader:
             self._check(moments, labels)
             yield (moments.to(self.device, non_blocking=True), images.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
-        # Run the images reader to its end too, so that it starts the next epoch with the
-        # latents reader (zip() would leave it one step behind: images paired with the
-        # latents of another batch from the third epoch on).
-        assert next(image_batches, None) is None
+        # Run the images reader to its end too, so that it starts the next epoch together with
+        # the latents reader (zip() left it behind: an empty epoch, then images paired with the
+        # latents of another batch).
+        if next(image_batches, None) is not None:
+            raise RuntimeError(f"{self.images.path} has more batches than {self.latents.path}")
 
     def _check(self, moments, labels) -> None:
         """The latents and labels of the batch just read against their CRC-32s."""
