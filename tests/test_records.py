@@ -613,8 +613,9 @@ def test_record_crc_sidecar_checks_records_and_belongs_to_its_file(tmp_path):
             r.check_records([2], data[2:3], [7])  # a wrong label
     sidecar = record_crcs_path(path)
     stale = open(sidecar, "rb").read()
-    with RecordWriter(path, "float32", (4,), record_crcs=False) as w:  # the file rewritten, sidecar left over
+    with RecordWriter(path, "float32", (4,), record_crcs=False) as w:  # rewritten without checksums
         w.append(data + 1, np.arange(6))
-    open(sidecar, "wb").write(stale)
+    assert not os.path.exists(sidecar)  # the old sidecar went with the old file
+    open(sidecar, "wb").write(stale)  # a sidecar of another version of the file
     with pytest.raises(ValueError, match="belongs to another version of the file"):
         RecordReader(path, 3)

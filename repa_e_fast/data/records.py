@@ -509,6 +509,8 @@ class RecordWriter:
             if self._record_crcs is not None:
                 # Published before the record file, so a new record file never lacks its sidecar.
                 _write_record_crcs(self.path, np.array(self._record_crcs, np.uint32), self._crc)
+            elif os.path.exists(record_crcs_path(self.path)):
+                os.unlink(record_crcs_path(self.path))  # it describes the file being replaced
             os.replace(self._tmp_path, self.path)
         except BaseException:
             self.abort()
