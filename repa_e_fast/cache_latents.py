@@ -110,8 +110,8 @@ def _merge_parts(part_dir: Path, world: int, output: Path, count: int) -> None:
     if (where[:, 0] < 0).any():
         raise RuntimeError(f"{int((where[:, 0] < 0).sum())} images were not encoded by any rank")
     latent_shape, image_shape = sources[0]["shapes"]
-    with RecordWriter(output / LATENTS_FILE, "float32", latent_shape) as latents_out, \
-            RecordWriter(output / IMAGES_FILE, "uint8", image_shape, with_labels=False) as images_out:
+    with RecordWriter(output / LATENTS_FILE, "float32", latent_shape, record_crcs=True) as latents_out, \
+            RecordWriter(output / IMAGES_FILE, "uint8", image_shape, with_labels=False, record_crcs=True) as images_out:
         chunk = 1024
         for start in range(0, count, chunk):
             rows = where[start:start + chunk]
@@ -131,6 +131,15 @@ def main(argv=None) -> int:
     if args.vae_ckpt and not os.path.isfile(args.vae_ckpt):
         print(f"error: VAE checkpoint not found: {args.vae_ckpt}", file=sys.stderr)
         return 2
+    if args.vae_ckpt:
+        from .generate import verify_enclosing_checkpoint
+        from .models.checkpoints import CheckpointError
+
+        try:
+            verify_enclosing_checkpoint(args.vae_ckpt)
+        except CheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if not os.path.exists(args.data_dir):
         print(f"error: dataset not found: {args.data_dir}", file=sys.stderr)
         return 2

@@ -9,17 +9,20 @@ built (values, combinations, files) and raises ``ConfigError`` with one clear li
 """
 
 import argparse
+import collections.abc
 import dataclasses
 import difflib
+import inspect
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .models.sit import PATCH_SIZES, SIT_CONFIGS, sit_config
+from .models.sit import PATCH_SIZES, sit_config
 from .models.vae import VAE_LAYOUTS
 
 
@@ -172,19 +175,120 @@ CHOICES = {
 }
 
 
-def _did_you_mean(key: str) -> str:
-    close = difflib.get_close_matches(key, list(FIELDS), n=1)
+# Allowed numeric ranges: name -> (low, high, low included, high included); None = unbounded.
+RANGES = {
+    **{name: (1, None, True, False) for name in (
+        "batch_size", "max_train_steps", "epochs", "gradient_accumulation_steps", "checkpointing_steps",
+        "sampling_steps", "keep_last_checkpoints", "num_classes", "resolution", "log_every",
+        "max_consecutive_faults", "vae_ch", "sample_grid_size", "sample_num_steps")},
+    **{name: (0, None, False, False) for name in (
+        "learning_rate", "vae_learning_rate", "disc_learning_rate", "max_grad_norm", "adam_epsilon")},
+    **{name: (0, None, True, False) for name in (
+        "num_workers", "proj_coeff", "vae_align_proj_coeff", "adam_weight_decay", "sample_cfg_scale")},
+    "cfg_prob": (0, 1, True, False),
+    "ema_decay": (0, 1, True, True),
+    "adam_beta1": (0, 1, True, False),
+    "adam_beta2": (0, 1, True, False),
+    "bn_momentum": (0, 1, True, True),
+    "resume_step": (0, None, True, False),
+}
+REPORT_TARGETS = ("jsonl", "tensorboard", "wandb")
+TYPE_HINTS = get_type_hints(TrainConfig)
+
+
+def _did_you_mean(key: str, names=None) -> str:
+    close = difflib.get_close_matches(key, list(FIELDS if names is None else names), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _range_text(low, high, low_in, high_in) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _in_range(value, low, high, low_in, high_in) -> bool:
+    above = value >= low if low_in else value > low
+    below = high is None or (value <= high if high_in else value < high)
+    return above and below
+
+
+def check_type(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` names, or ``ConfigError``. No lossy coercion: a float or
+    bool is not an int, a number is not a string; numbers written as strings are accepted
+    (YAML reads ``1e-4`` as a string, and flags arrive as strings)."""
+    if get_origin(hint) is Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+    origin = get_origin(hint) or hint
+
+    def fail(what: str):
+        raise ConfigError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        try:
+            return _parse_bool(value) if isinstance(value, str) else fail("true or false")
+        except argparse.ArgumentTypeError:
+            fail("true or false")
+    if origin is int:
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail("an integer")
+    if origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            fail("a number")
+        try:
+            number = float(value)
+        except ValueError:
+            fail("a number")
+        return number if math.isfinite(number) else fail("a finite number")
+    if origin is str:
+        return value if isinstance(value, str) else fail("a string (quote it in YAML)")
+    if origin is dict:
+        return value if isinstance(value, dict) else fail("a mapping, e.g. {depth: 2}")
+    if origin in (list, collections.abc.Sequence):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        fail("a list")
+    return value
+
+
+def sit_override_names() -> Dict[str, Any]:
+    """The SiT constructor arguments ``model_overrides`` may set, with their type hints."""
+    from .models.sit import SiT
+
+    parameters = inspect.signature(SiT.__init__).parameters
+    hints = get_type_hints(SiT.__init__)
+    return {name: hints.get(name, Any) for name, p in parameters.items()
+            if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def check_model_overrides(overrides: Dict[str, Any]) -> Dict[str, Any]:
+    valid = sit_override_names()
+    for key, value in overrides.items():
+        if key not in valid:
+            raise ConfigError(f"model_overrides: unknown SiT argument '{key}'{_did_you_mean(str(key), valid)}; "
+                              f"valid: {', '.join(valid)}")
+        overrides[key] = check_type(f"model_overrides.{key}", value, valid[key])
+    return overrides
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as handle:
-        try:
+    try:
+        with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        # YAML errors span several lines (with a caret under the spot): keep one.
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
     result = {}
@@ -251,15 +355,12 @@ def make_config(values: Dict[str, Any]) -> TrainConfig:
     for name, value in values.items():
         if isinstance(value, str) and value.lower() in ("none", "null") and "Optional" in str(FIELDS[name].type):
             value = None  # --vae-ckpt none
-        default = FIELDS[name].default
-        if value is not None and isinstance(default, (int, float)) and not isinstance(default, bool):
-            try:
-                value = type(default)(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name} must be a {type(default).__name__}, got {value!r}") from None
-        coerced[name] = value
+        coerced[name] = check_type(name, value, TYPE_HINTS[name])
+    if coerced.get("model_overrides"):
+        check_model_overrides(coerced["model_overrides"])
     config = TrainConfig(**coerced)
     validate_values(config)
+    validate_environment(config)
     return config
 
 
@@ -268,30 +369,21 @@ def validate_values(config: TrainConfig) -> None:
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")
+    if not isinstance(config.model_overrides, dict):
+        raise ConfigError(f"model_overrides must be a mapping of SiT constructor arguments, got "
+                          f"{config.model_overrides!r} ({type(config.model_overrides).__name__})")
     try:
         kwargs = config.sit_kwargs()
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    size_names = ", ".join(SIT_CONFIGS)
-    if config.model_overrides and not isinstance(config.model_overrides, dict):
-        raise ConfigError(f"model_overrides must be a mapping of SiT constructor arguments, sizes: {size_names}")
-    positive = ("batch_size", "max_train_steps", "epochs", "gradient_accumulation_steps", "checkpointing_steps",
-                "sampling_steps", "keep_last_checkpoints", "num_classes", "resolution", "log_every",
-                "max_consecutive_faults", "vae_ch", "sample_grid_size", "sample_num_steps")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("learning_rate", "vae_learning_rate", "disc_learning_rate", "max_grad_norm"):
-        if not getattr(config, name) > 0:
-            raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
-    if config.num_workers < 0:
-        raise ConfigError(f"num_workers must be >= 0, got {config.num_workers}")
-    if not 0 <= config.cfg_prob < 1:
-        raise ConfigError(f"cfg_prob must be in [0, 1), got {config.cfg_prob}")
-    if not 0 <= config.ema_decay <= 1:
-        raise ConfigError(f"ema_decay must be in [0, 1], got {config.ema_decay}")
-    if config.proj_coeff < 0 or config.vae_align_proj_coeff < 0:
-        raise ConfigError("proj_coeff and vae_align_proj_coeff must be >= 0")
+    for name, bounds in RANGES.items():
+        value = getattr(config, name)
+        if value is not None and not _in_range(value, *bounds):
+            raise ConfigError(f"{name} must be {_range_text(*bounds)}, got {value}")
+    targets = [t.strip() for t in config.report_to.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in REPORT_TARGETS]
+    if unknown or not targets:
+        raise ConfigError(f"report_to must be a comma list of {', '.join(REPORT_TARGETS)}, got {config.report_to!r}")
     factor = VAE_DOWNSAMPLING[config.vae]
     if config.resolution % factor:
         raise ConfigError(f"resolution {config.resolution} is not a multiple of the {config.vae} VAE's "
@@ -323,6 +415,32 @@ def validate_values(config: TrainConfig) -> None:
 
     try:
         parse_enc_type(config.enc_type, config.resolution)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def validate_environment(config: TrainConfig) -> None:
+    """What this machine must offer: the device and the attention package."""
+    import torch
+
+    from .models.attention import check_attention_backend
+
+    if config.device is not None:
+        try:
+            device = torch.device(config.device)
+        except RuntimeError:
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {config.device!r}") from None
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ConfigError(f"device {config.device!r} asked but CUDA is not available on this machine "
+                                  "(use device: cpu, or leave device unset)")
+            if device.index is not None and device.index >= count:
+                raise ConfigError(f"device {config.device!r} asked but this machine has {count} CUDA device(s)")
+        elif device.type != "cpu":
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
+    try:
+        check_attention_backend(config.attn_backend)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

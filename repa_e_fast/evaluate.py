@@ -41,6 +41,7 @@ from .metrics import (
     resolve_inception_path,
     softmax,
 )
+from .metrics.fid import check_statistics
 
 REFERENCE_STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -119,7 +120,9 @@ def reference_statistics(path: str, activations: Optional[Dict[str, np.ndarray]]
         if missing:
             raise ValueError(f"{path} has precomputed 'mu' but lacks {missing}")
         with np.load(path) as stats:
-            return (stats["mu"], stats["sigma"]), (stats["mu_s"], stats["sigma_s"])
+            # Checked here, before any Inception pass over the samples.
+            return (check_statistics(stats["mu"], stats["sigma"], f"{path} (mu, sigma)"),
+                    check_statistics(stats["mu_s"], stats["sigma_s"], f"{path} (mu_s, sigma_s)"))
     if activations is None:
         raise ValueError(f"{path} has neither images ('arr_0') nor statistics {list(REFERENCE_STATISTICS_KEYS)}")
     return feature_statistics(activations["pool"]), feature_statistics(activations["spatial"])
@@ -145,11 +148,15 @@ def evaluate(
             file=sys.stderr,
         )
 
+    # Precomputed statistics are read (and checked) before any Inception pass.
+    reference_stats = reference_statistics(reference_path, None) if "mu" in reference_keys else None
     reference_acts = None
     if "arr_0" in reference_keys:
         print("computing reference batch activations...", file=sys.stderr)
         reference_acts = compute_activations(model, reference_path, batch_size, device)
-    (ref_mu, ref_sigma), (ref_mu_s, ref_sigma_s) = reference_statistics(reference_path, reference_acts)
+    if reference_stats is None:
+        reference_stats = reference_statistics(reference_path, reference_acts)
+    (ref_mu, ref_sigma), (ref_mu_s, ref_sigma_s) = reference_stats
 
     print("computing sample batch activations...", file=sys.stderr)
     sample_acts = compute_activations(model, samples_path, batch_size, device)

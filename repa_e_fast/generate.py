@@ -40,6 +40,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -79,11 +80,24 @@ REQUIRED_RUN_ARGUMENTS = ("model", "vae", "enc_type")
 # ----------------------------------------------------------------------------------------
 # Checkpoints and run arguments (shared with extract_vae)
 # ----------------------------------------------------------------------------------------
+def verify_enclosing_checkpoint(path: str) -> None:
+    """A file inside one of our checkpoint directories (beside its MANIFEST.json) is used only
+    when that checkpoint verifies (sizes and CRC-32s); ``CheckpointError`` names what failed."""
+    from .engine.checkpoint import MANIFEST, verify_checkpoint
+
+    directory = Path(path).parent
+    if (directory / MANIFEST).is_file():
+        problem = verify_checkpoint(directory)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {directory} fails its manifest check: {problem}")
+
+
 def read_checkpoint(path: str) -> Dict:
     """An official training checkpoint (dict with ``ema``, ``vae``, ``args`` ...), memory-mapped
     so optimiser states that are never touched are never read."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    verify_enclosing_checkpoint(path)
     try:
         # The official checkpoints pickle an argparse.Namespace under "args" (Q19).
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -297,3 +297,43 @@ def test_evaluate_command_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="must be uint8 images"):
         with evaluate.open_npz_images(str(tmp_path / "floats.npz")):
             pass
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan", "(mu, sigma): sigma has 1 non-finite value(s)"),
+    ("negative_definite", "(mu, sigma): sigma is not positive semi-definite (lowest eigenvalue -1)"),
+    ("asymmetric", "(mu, sigma): sigma is not symmetric"),
+])
+def test_reference_statistics_that_are_not_a_covariance_are_an_error(inception_file, tmp_path, capsys, damage,
+                                                                       message):
+    sigma = np.eye(2048)
+    if damage == "nan":
+        sigma[3, 3] = np.nan
+    elif damage == "negative_definite":
+        sigma = -sigma
+    else:
+        sigma[0, 1] = 0.5
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=sigma, mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    images = np.random.default_rng(4).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    argv = [str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--inception", str(inception_file),
+            "--batch-size", "4", "--device", "cpu"]
+    assert evaluate.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "FID" not in captured.out
+    error = captured.err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and message in error and "ref.npz" in error
+
+
+def test_frechet_distance_refuses_statistics_that_are_not_a_covariance():
+    rng = np.random.default_rng(5)
+    features = rng.normal(size=(50, 6))
+    mu, sigma = features.mean(0), np.cov(features, rowvar=False)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="second statistics: sigma is not positive semi-definite"):
+        frechet_distance(mu, sigma, mu, -sigma)
+    with pytest.raises(ValueError, match="first statistics: mu has 1 non-finite"):
+        frechet_distance(np.r_[mu[:-1], np.inf], sigma, mu, sigma)
+    # Singular but valid (fewer samples than dimensions): accepted.
+    few = features[:3]
+    frechet_distance(few.mean(0), np.cov(few, rowvar=False), mu, sigma)

@@ -596,3 +596,26 @@ def test_pin_memory(tmp_path):
         rec, lab = next(iter(r))
         assert rec.is_pinned() and lab.is_pinned() and rec.dtype == torch.bfloat16
         assert np.array_equal(rec.view(torch.int16).numpy().view(np.uint16), x[:8])
+
+
+def test_record_crc_sidecar_checks_records_and_belongs_to_its_file(tmp_path):
+    from repa_e_fast.data.records import record_crcs_path
+
+    path = tmp_path / "x.rec"
+    data = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
+    with RecordWriter(path, "float32", (4,), record_crcs=True) as w:
+        w.append(data, np.arange(6))
+    with RecordReader(path, 3, shuffle=False) as r:
+        r.check_records([0, 1, 2], data[:3], np.arange(3))
+        with pytest.raises(ValueError, match=r"x.rec': record 1 fails its CRC-32 check"):
+            r.check_records([0, 1], data[:2] + np.array([[0], [1]], np.float32), np.arange(2))
+        with pytest.raises(ValueError, match="record 2 fails"):
+            r.check_records([2], data[2:3], [7])  # a wrong label
+    sidecar = record_crcs_path(path)
+    stale = open(sidecar, "rb").read()
+    with RecordWriter(path, "float32", (4,), record_crcs=False) as w:  # rewritten without checksums
+        w.append(data + 1, np.arange(6))
+    assert not os.path.exists(sidecar)  # the old sidecar went with the old file
+    open(sidecar, "wb").write(stale)  # a sidecar of another version of the file
+    with pytest.raises(ValueError, match="belongs to another version of the file"):
+        RecordReader(path, 3)

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-__all__ = ["adm_center_crop", "adm_geometry", "AdmGeometry", "decode_rgb", "BadImage"]
+__all__ = ["adm_center_crop", "adm_geometry", "AdmGeometry", "decode_rgb", "check_image_size", "BadImage"]
 
 
 class BadImage(Exception):
@@ -67,6 +67,20 @@ def adm_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+# The ADM crop scales the short side to the crop size, so the resized image holds
+# aspect-ratio x resolution^2 pixels: a tiny 100000 x 1 PNG would allocate gigabytes for
+# a crop that keeps 1/100000 of it. Beyond this ratio an image is refused (PIL already
+# refuses decompression bombs by pixel count).
+MAX_ASPECT_RATIO = 32
+
+
+def check_image_size(size: tuple) -> None:
+    """Raise ``BadImage`` for a header size the ADM crop cannot use at bounded memory."""
+    width, height = size
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadImage(f"{width}x{height} is too elongated to crop (aspect ratio above {MAX_ASPECT_RATIO}:1)")
+
+
 def decode_rgb(data: bytes) -> tuple[Image.Image, Optional[str]]:
     """Decode encoded image bytes to an RGB PIL image.
 
@@ -79,8 +93,12 @@ def decode_rgb(data: bytes) -> tuple[Image.Image, Optional[str]]:
     """
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+        raise BadImage(f"cannot decode ({type(exc).__name__}: {exc})") from None
+    check_image_size(image.size)  # from the header, before any pixel is decoded
+    try:
+        image.load()
+    except Exception as exc:
         raise BadImage(f"cannot decode ({type(exc).__name__}: {exc})") from None
     if image.mode == "RGB":
         return image, None

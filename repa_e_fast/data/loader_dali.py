@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .crop import BadImage, adm_center_crop, adm_geometry, decode_rgb
+from .crop import BadImage, adm_center_crop, adm_geometry, check_image_size, decode_rgb
 from .decode import Event, decode_batch
 from .loader import ImageLoaderBase
 from .order import MAX_CONSECUTIVE_BAD
@@ -244,6 +244,7 @@ class DaliImageLoader(ImageLoaderBase):
             size, mode, fmt = header.size, header.mode, header.format
         except Exception as exc:
             raise BadImage(f"cannot decode ({type(exc).__name__}: {exc})") from None
+        check_image_size(size)
         events = []
         direct = mode == "RGB" and (
             (fmt == "JPEG" and _jpeg_complete(data)) or (fmt == "PNG" and _png_plain_rgb(data, header))

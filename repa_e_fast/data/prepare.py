@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 
 from .crop import BadImage, adm_center_crop, decode_rgb
-from .sources import PREPARED_FORMAT, DatasetError, FolderSource
+from .sources import PREPARED_FORMAT, DatasetError, FolderSource, read_regular_file
 
 __all__ = ["prepare", "main"]
 
@@ -72,8 +72,7 @@ def _process(task):
     """Worker: (source index, path, resolution, codec, quality) -> encoded crop or reason."""
     index, path, resolution, codec, quality = task
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular_file(path)
         image, note = decode_rgb(data)
         encoded = _encode(adm_center_crop(image, resolution), codec, quality)
         return index, encoded, note, None

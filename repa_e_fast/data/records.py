@@ -40,6 +40,14 @@ and with the real file size, so a truncated or extended file, a wrong magic or v
 or a damaged header is a ``ValueError`` naming the file. ``RecordReader.verify()`` also
 recomputes the payload CRC (one sequential pass over the file).
 
+Per-record checksums (optional sidecar ``<file>.crc.npz``, ``RecordWriter(record_crcs=True)``)
+------------------------------------------------------------------------------------------------
+``records``: uint32 [count], ``zlib.crc32`` of each record's bytes followed by its 8 label
+bytes (when the file has labels); ``payload_crc32``: the record file's payload CRC, which
+ties the sidecar to the file it describes. ``RecordReader.check_records(indices, records,
+labels)`` compares a batch against it: one CRC per record read, so a damaged record is found
+(by file and index) the first time it is used, at the cost of hashing the bytes a batch reads.
+
 Order of samples
 ----------------
 Epoch permutation (both backends compute the same one; ``epoch_permutation``)::
@@ -79,6 +87,8 @@ __all__ = [
     "RecordReader",
     "RecordInfo",
     "read_header",
+    "read_record_crcs",
+    "record_crc32",
     "epoch_permutation",
     "native_available",
     "native_unavailable_reason",
@@ -329,6 +339,47 @@ def read_header(path: str) -> RecordInfo:
     )
 
 
+# --------------------------------------------------------------------------- per-record CRCs
+
+
+def record_crcs_path(path) -> str:
+    return os.fspath(path) + ".crc.npz"
+
+
+def record_crc32(record: np.ndarray, label=None) -> int:
+    """CRC-32 of one record's bytes, then of its int64 label (when there is one)."""
+    crc = zlib.crc32(np.ascontiguousarray(record).view(np.uint8))
+    return crc if label is None else zlib.crc32(np.int64(label).astype("<i8").tobytes(), crc)
+
+
+def _write_record_crcs(path: str, crcs: np.ndarray, payload_crc: int) -> None:
+    target = record_crcs_path(path)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, records=crcs, payload_crc32=np.uint32(payload_crc & 0xFFFFFFFF))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def read_record_crcs(info: "RecordInfo") -> Optional[np.ndarray]:
+    """The per-record CRCs of a record file (None when it has no sidecar); ValueError when
+    the sidecar does not belong to this file."""
+    sidecar = record_crcs_path(info.path)
+    if not os.path.exists(sidecar):
+        return None
+    try:
+        with np.load(sidecar) as data:
+            crcs, payload_crc = data["records"], int(data["payload_crc32"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"record file '{info.path}': unreadable checksum file {sidecar} ({exc})") from None
+    if crcs.shape != (info.count,) or payload_crc != info.payload_crc32:
+        raise ValueError(f"record file '{info.path}': {sidecar} belongs to another version of the file "
+                         f"({len(crcs)} records, payload CRC {payload_crc:#010x}; the file has {info.count}, "
+                         f"{info.payload_crc32:#010x})")
+    return crcs
+
+
 # --------------------------------------------------------------------------- writer
 
 
@@ -348,8 +399,10 @@ class RecordWriter:
     bits), and ``labels``: an int or ``n`` ints (required iff ``with_labels``).
     """
 
-    def __init__(self, path, dtype, record_shape: Sequence[int], with_labels: bool = True):
+    def __init__(self, path, dtype, record_shape: Sequence[int], with_labels: bool = True,
+                 record_crcs: bool = False):
         self.path = os.path.abspath(os.fspath(path))
+        self._record_crcs: Optional[list] = [] if record_crcs else None
         self.dtype = _dtype_name(dtype)
         self.record_shape = tuple(int(d) for d in record_shape)
         if len(self.record_shape) > MAX_DIMS or any(d <= 0 for d in self.record_shape):
@@ -430,6 +483,9 @@ class RecordWriter:
         raw = arr.reshape(-1).view(np.uint8)
         self._file.write(raw)
         self._crc = zlib.crc32(raw, self._crc)
+        if self._record_crcs is not None:
+            rows = raw.reshape(n, -1)
+            self._record_crcs.extend(record_crc32(rows[i], lab[i] if self.with_labels else None) for i in range(n))
         self.count += n
 
     def close(self) -> str:
@@ -450,6 +506,11 @@ class RecordWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
+            if self._record_crcs is not None:
+                # Published before the record file, so a new record file never lacks its sidecar.
+                _write_record_crcs(self.path, np.array(self._record_crcs, np.uint32), self._crc)
+            elif os.path.exists(record_crcs_path(self.path)):
+                os.unlink(record_crcs_path(self.path))  # it describes the file being replaced
             os.replace(self._tmp_path, self.path)
         except BaseException:
             self.abort()
@@ -560,6 +621,7 @@ class RecordReader:
 
         # Everything about the file is checked here, before any thread is started.
         self.info = read_header(path)
+        self.record_crcs = read_record_crcs(self.info)
         self.path = path
         self.batch_size = int(batch_size)
         self.rank = int(rank)
@@ -903,6 +965,22 @@ class RecordReader:
         lab = np.empty(len(idx), np.int64) if self.info.has_labels else None
         self._gather(idx, rec, lab)
         return self._wrap(rec, lab)
+
+    def check_records(self, indices, records, labels=None) -> None:
+        """Compare the records ``indices`` as read (``records`` [n, ...], ``labels`` [n]) with
+        the per-record CRCs; ValueError naming the file and the first damaged record. Needs
+        the ``.crc.npz`` sidecar (``self.record_crcs``)."""
+        if self.record_crcs is None:
+            raise ValueError(f"record file '{self.path}': no per-record checksums ({record_crcs_path(self.path)})")
+        records = _torch_to_numpy(records, "records") if _is_torch_tensor(records) else np.asarray(records)
+        if labels is not None:
+            labels = _torch_to_numpy(labels, "labels") if _is_torch_tensor(labels) else np.asarray(labels)
+        for row, index in enumerate(np.asarray(indices).tolist()):
+            crc = record_crc32(records[row], None if labels is None else labels[row])
+            if crc != int(self.record_crcs[index]):
+                raise ValueError(f"record file '{self.path}': record {index} fails its CRC-32 check "
+                                 f"(stored {int(self.record_crcs[index]):#010x}, computed {crc:#010x}): "
+                                 "the file is damaged; write it again with python -m repa_e_fast.cache_latents")
 
     def verify(self, chunk_bytes: int = 64 << 20) -> bool:
         """Recompute the payload CRC-32; ValueError if it differs from the header's."""

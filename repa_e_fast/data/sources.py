@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import stat
 from typing import Optional
 
 import numpy as np
@@ -59,11 +60,41 @@ def image_extensions() -> frozenset:
 # --------------------------------------------------------------------------- folder
 
 
+def read_regular_file(path: str) -> bytes:
+    """The bytes of ``path``; ``OSError`` unless it is a regular file. Opened non-blocking, so
+    a FIFO named ``x.jpg`` does not wait for a writer, and a device is never read from."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read()
+
+
 def _resolve_folder_root(path: str) -> str:
     if os.path.isfile(os.path.join(path, "dataset.json")):
         return path
     train = os.path.join(path, "train")
     return train if os.path.isdir(train) else path
+
+
+def _walk_each_directory_once(root: str):
+    """``(directory, file names)`` for every directory under ``root``, symlinked ones
+    included, each real directory (device, inode) once. The real tree is listed first, so
+    a link to a directory inside it adds nothing, and a link back to an ancestor (a loop)
+    cannot list the same images again and again under new names and labels."""
+    seen = set()
+    tops = [root]  # the real tree, then each symlinked directory found, in walk order
+    for top in tops:
+        for directory, subdirs, files in os.walk(top):  # does not descend into links
+            status = os.stat(directory)
+            if (status.st_dev, status.st_ino) in seen:
+                subdirs.clear()
+                continue
+            seen.add((status.st_dev, status.st_ino))
+            subdirs.sort()
+            tops.extend(os.path.join(directory, name) for name in subdirs
+                        if os.path.islink(os.path.join(directory, name)))
+            yield directory, files
 
 
 def scan_image_folder(root: str) -> tuple[list, np.ndarray, list, list]:
@@ -75,8 +106,7 @@ def scan_image_folder(root: str) -> tuple[list, np.ndarray, list, list]:
     """
     extensions = image_extensions()
     relpaths = []
-    for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs.sort()
+    for directory, files in _walk_each_directory_once(root):
         for name in files:
             if os.path.splitext(name)[1].lower() in extensions:
                 rel = os.path.relpath(os.path.join(directory, name), root)
@@ -154,8 +184,7 @@ class FolderSource:
         return self._relpaths[index].decode("utf-8")
 
     def read(self, index: int) -> bytes:
-        with open(self.name(index), "rb") as f:
-            return f.read()
+        return read_regular_file(self.name(index))
 
 
 # --------------------------------------------------------------------------- h5

@@ -49,9 +49,30 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.sqrt(eigenvalues[eigenvalues > tolerance]).sum())
 
 
+def check_statistics(mu, sigma, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` as float64, or ``ValueError`` naming ``name``: with a NaN, or a sigma that
+    is not a covariance matrix (symmetric positive semi-definite), the distance would be a
+    meaningless number (``nan``, or negative) instead of an error."""
+    mu, sigma = np.atleast_1d(np.asarray(mu, np.float64)), np.atleast_2d(np.asarray(sigma, np.float64))
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
+        raise ValueError(f"{name}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]")
+    for label, array in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name}: {label} has {int((~np.isfinite(array)).sum())} non-finite value(s) (NaN or inf)")
+    scale = np.abs(sigma).max(initial=0.0)
+    if np.abs(sigma - sigma.T).max(initial=0.0) > 1e-6 * scale:
+        raise ValueError(f"{name}: sigma is not symmetric, so not a covariance matrix")
+    eigenvalues = np.linalg.eigvalsh(sigma)
+    # Round-off leaves tiny negative eigenvalues in a genuine covariance; a real one is not.
+    if eigenvalues.size and eigenvalues[0] < -1e-6 * np.abs(eigenvalues).max():
+        raise ValueError(f"{name}: sigma is not positive semi-definite (lowest eigenvalue {eigenvalues[0]:.4g}), "
+                         "so not a covariance matrix")
+    return mu, sigma
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, sigma1 = check_statistics(mu1, sigma1, "first statistics")
+    mu2, sigma2 = check_statistics(mu2, sigma2, "second statistics")
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
         raise ValueError(
             f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
