@@ -114,6 +114,7 @@ class TrainConfig:
     compile: bool = False
     sync_discriminator_bn: bool = False  # global-batch BN in the discriminator (the official D uses per-rank statistics)
     device: Optional[str] = None  # default: cuda:<local_rank> when available, else cpu
+    dist_timeout: int = 600  # s: collective timeout, and how long a silent peer rank is waited for
 
     # -- derived values -----------------------------------------------------------------
     @property
@@ -284,6 +285,8 @@ def validate_values(config: TrainConfig) -> None:
     for name in ("learning_rate", "vae_learning_rate", "disc_learning_rate", "max_grad_norm"):
         if not getattr(config, name) > 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
+    if config.dist_timeout < 1:
+        raise ConfigError(f"dist_timeout must be >= 1 second, got {config.dist_timeout}")
     if config.num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0, got {config.num_workers}")
     if not 0 <= config.cfg_prob < 1:
