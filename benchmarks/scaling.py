@@ -15,13 +15,19 @@ against hand-worked cases (tests/test_scaling.py).
 
 Volumes, with S = 4 bytes x trainable parameters (fp32 gradients and fp32 weights: the
 engine keeps fp32 master weights and runs bf16 autocast, so ZeRO gathers fp32 weights):
-  DDP     all-reduce of the gradients              payload S, ring wire 2(n-1)/n S per GPU
-  ZeRO-1  reduce-scatter of the gradients + all-gather of the updated weights
-          (DeepSpeed 0.19, reduce_scatter: true)   payload 2S, wire 2(n-1)/n S per GPU
-  ZeRO-2  the same collectives as ZeRO-1, gradients partitioned during backward
-  ZeRO-3  weights all-gathered before every forward and backward use, gradients
-          reduce-scattered: wire >= 3(n-1)/n S (more here: the SiT runs two forwards, the
-          discriminator two roles per step)
+  ddp       all-reduce of the gradients                     wire 2(n-1)/n S per GPU
+  zero1/2   DeepSpeed 0.19.8 as our templates configure it: each gradient bucket is
+            ALL-REDUCED (zero_optimization.use_multi_rank_bucket_allreduce defaults to
+            true) and every rank keeps its partition; after the step the updated
+            weights are all-gathered                        wire 3(n-1)/n S = 1.5x DDP
+  zero2_rs  the same with use_multi_rank_bucket_allreduce: false: each partition is
+            reduced to its owner (a reduce-scatter)         wire 2(n-1)/n S = DDP
+  zero3     weights all-gathered before every forward and backward use, gradients
+            reduce-scattered: wire >= 3(n-1)/n S (more here: the SiT runs two forwards, the
+            discriminator two roles per step)
+ZeRO-1 and ZeRO-2 send the same bytes (DeepSpeed averages gradients through the same path);
+they differ in memory only. ZeRO pads each model's flat parameter group to a multiple of
+2 x world_size elements; the payloads below include that padding.
 """
 
 import argparse
@@ -38,7 +44,7 @@ STEP_TIMES = RESULTS / "throughput_h100_2026-11-22_sitxl2_b16.json"  # measured 
 DATA_RATES = RESULTS / "data_cpu_2026-11-22.json"                    # measured on this project's CPU machine
 
 BYTES_FP32 = 4
-STRATEGIES = ("ddp", "zero1", "zero2")
+STRATEGIES = ("ddp", "zero1", "zero2", "zero2_rs")
 GPU_COUNTS = (8, 16, 64, 256, 1024)
 GIB = 2**30
 
@@ -133,14 +139,21 @@ def load_decode_rate(path: pathlib.Path = DATA_RATES) -> Dict[str, float]:
 
 
 # -- volumes --------------------------------------------------------------------------------------
-def payload_per_step(strategy: str, trainable: Dict[str, int]) -> Dict[str, int]:
+def zero_padded(count: int, world: int) -> int:
+    """DeepSpeed's flat group size: padded to a multiple of 2 x world elements."""
+    alignment = 2 * world
+    return -(-count // alignment) * alignment
+
+
+def payload_per_step(strategy: str, trainable: Dict[str, int], world: int) -> Dict[str, int]:
     """Bytes handed to collectives per step and rank, before ring factors: what a counting
-    wrapper around torch.distributed sees (a reduce-scatter's full input, an all-gather's
-    full output). ``trainable``: {"sit", "vae", "disc"} parameter counts."""
-    size = BYTES_FP32 * sum(trainable[k] for k in ("sit", "vae", "disc"))
+    wrapper around torch.distributed sees (an all-reduce's tensor, a reduce-scatter's full
+    input, an all-gather's full output). ``trainable``: {"sit", "vae", "disc"} counts."""
+    models = ("sit", "vae", "disc")
     if strategy == "ddp":
-        return {"gradients": size, "parameters": 0}
-    if strategy in ("zero1", "zero2"):
+        return {"gradients": BYTES_FP32 * sum(trainable[k] for k in models), "parameters": 0}
+    if strategy in ("zero1", "zero2", "zero2_rs"):
+        size = BYTES_FP32 * sum(zero_padded(trainable[k], world) for k in models)
         return {"gradients": size, "parameters": size}
     if strategy == "zero3":
         raise ValueError("zero3 is not run by the engine (see README: ZeRO-3 / FSDP2 decision)")
@@ -160,6 +173,8 @@ def wire_bytes_per_gpu(strategy: str, size: float, n: int) -> Dict[str, float]:
     if strategy == "ddp":
         return {"overlapped": 2 * ring_factor(n) * size, "exposed": 0.0}
     if strategy in ("zero1", "zero2"):
+        return {"overlapped": 2 * ring_factor(n) * size, "exposed": ring_factor(n) * size}
+    if strategy == "zero2_rs":
         return {"overlapped": ring_factor(n) * size, "exposed": ring_factor(n) * size}
     if strategy == "zero3":  # forward + backward all-gathers (a 2nd SiT forward not counted), reduce-scatter
         return {"overlapped": 2 * ring_factor(n) * size, "exposed": ring_factor(n) * size}

@@ -35,7 +35,7 @@ class ByteCounter:
     model (benchmarks/scaling.py) states its volumes before the ring factors.
 
     Categories: "gradients" (DDP's bucket all-reduces, the discriminator's flat all-reduce,
-    ZeRO's gradient reduce(-scatter)s), "parameters" (ZeRO's all-gather of the updated
+    whatever ZeRO's gradient averaging calls), "parameters" (ZeRO's all-gather of the updated
     partitions) and "control" (everything else: norms, finite flags, BN statistics, logs)."""
 
     def __init__(self):
@@ -77,10 +77,8 @@ class ByteCounter:
         return self.tagged("gradients", default_hooks.allreduce_hook)(state, bucket)  # calls dist.all_reduce
 
 
-# ZeRO's collectives by kind; an all_reduce is control traffic unless tagged
-ZERO_CATEGORIES = {"reduce": "gradients", "reduce_scatter": "gradients", "reduce_scatter_tensor": "gradients",
-                   "_reduce_scatter_base": "gradients", "all_gather": "parameters",
-                   "all_gather_into_tensor": "parameters", "_all_gather_base": "parameters"}
+# Untagged all-gathers during the steps are ZeRO's all-gather of the updated weight partitions.
+ZERO_CATEGORIES = {"all_gather": "parameters", "all_gather_into_tensor": "parameters", "_all_gather_base": "parameters"}
 
 
 def tensor_bytes(value) -> int:
@@ -123,6 +121,9 @@ def counted_run(name, base_models, base_ema, rank, world, counter):
                 module.register_comm_hook(dist.group.WORLD, counter.ddp_hook)
         # the discriminator's flat all-reduce (not a DDP module)
         backend._reduce_gradients = counter.tagged("gradients", backend._reduce_gradients)
+    else:  # ZeRO's gradient reduction (DeepSpeed 0.19: a bucket all-reduce, or reduces to each owner)
+        for engine in backend.models.values():
+            engine.optimizer.average_tensor = counter.tagged("gradients", engine.optimizer.average_tensor)
     counter.bytes.clear(), counter.calls.clear()
 
     def stop_counting(index, backend, ema):
@@ -131,6 +132,8 @@ def counted_run(name, base_models, base_ema, rank, world, counter):
 
     counter.on = True
     _, _, record = harness.train(run, models, ema, rank, world, run.backend, backend=backend, on_step=stop_counting)
+    if run.backend == "deepspeed":
+        record["optimizer_kinds"] = dict(backend.optimizer_kinds)
     counts = {"bytes": dict(counter.bytes), "calls": dict(counter.calls), "steps": run.micro_batches,
               "trainable": trainable_counts(backend)}
     return record, counts

@@ -18,19 +18,23 @@ S = 4 * 1250
 
 
 def test_payload_per_step_is_the_fp32_parameter_bytes_once_for_ddp_twice_for_zero():
-    assert scaling.payload_per_step("ddp", COUNTS) == {"gradients": S, "parameters": 0}
-    assert scaling.payload_per_step("zero1", COUNTS) == scaling.payload_per_step("zero2", COUNTS) == \
-        {"gradients": S, "parameters": S}
+    assert scaling.payload_per_step("ddp", COUNTS, 2) == {"gradients": S, "parameters": 0}
+    # ZeRO pads each model's group to a multiple of 2 x world: 1000, 200, 50 -> 52 (world 2), 1008, 208, 64 (world 8)
+    assert scaling.payload_per_step("zero1", COUNTS, 2) == scaling.payload_per_step("zero2", COUNTS, 2) == \
+        {"gradients": 4 * 1252, "parameters": 4 * 1252}
+    assert scaling.payload_per_step("zero2_rs", COUNTS, 8) == {"gradients": 4 * 1280, "parameters": 4 * 1280}
     with pytest.raises(ValueError, match="unknown strategy"):
-        scaling.payload_per_step("fsdp9", COUNTS)
+        scaling.payload_per_step("fsdp9", COUNTS, 2)
 
 
 @pytest.mark.parametrize("n", [2, 8, 1024])
 def test_ring_volumes(n):
     ddp = scaling.wire_bytes_per_gpu("ddp", S, n)
     zero = scaling.wire_bytes_per_gpu("zero2", S, n)
+    rs = scaling.wire_bytes_per_gpu("zero2_rs", S, n)
     assert ddp == {"overlapped": 2 * (n - 1) / n * S, "exposed": 0.0}
-    assert zero == {"overlapped": (n - 1) / n * S, "exposed": (n - 1) / n * S}  # RS + AG = one all-reduce
+    assert zero == {"overlapped": 2 * (n - 1) / n * S, "exposed": (n - 1) / n * S}  # DeepSpeed's default: AR + AG
+    assert rs == {"overlapped": (n - 1) / n * S, "exposed": (n - 1) / n * S}  # RS + AG = one all-reduce
     assert sum(scaling.wire_bytes_per_gpu("zero3", S, n).values()) == pytest.approx(1.5 * sum(ddp.values()))
     assert scaling.wire_bytes_per_gpu("ddp", S, 1) == {"overlapped": 0.0, "exposed": 0.0}
 
@@ -68,10 +72,14 @@ def test_projection_hides_what_fits_under_the_backward_and_exposes_the_rest(monk
     assert p.step_s == pytest.approx(1.0 + reduce_s / 1000) and p.efficiency == pytest.approx(1.0 / p.step_s)
     slow = scaling.project("ddp", counts, times, 16, 8, "net", 1.0)  # 4 s of reduction > 0.4 s backward
     assert slow.exposed_s == pytest.approx(4.0 - 0.4 + 4.0 / 1000, rel=1e-6)
-    # ZeRO-2: the reduce-scatter (half the volume) hides, the all-gather (the other half) does not
+    # ZeRO-2 with reduce-scatter: the reduce-scatter (half the volume) hides, the all-gather
+    # (the other half) does not; as DeepSpeed runs it by default, the gradients are all-reduced
     monkeypatch.setitem(scaling.ASSUMPTIONS, "zero_bucket_bytes", 4e6)
-    z = scaling.project("zero2", counts, times, 16, 8, "net", 100.0)
+    z = scaling.project("zero2_rs", counts, times, 16, 8, "net", 100.0)
     assert z.exposed_s == pytest.approx(reduce_s / 2 / 1000 + reduce_s / 2, rel=1e-6)
+    z = scaling.project("zero2", counts, times, 16, 8, "net", 100.0)
+    assert z.exposed_s == pytest.approx(reduce_s / 1000 + reduce_s / 2, rel=1e-6)
+    assert z.comm_s == pytest.approx(1.5 * reduce_s, rel=1e-6)
 
 
 def test_model_states_per_gpu():
