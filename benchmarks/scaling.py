@@ -26,8 +26,8 @@ engine keeps fp32 master weights and runs bf16 autocast, so ZeRO gathers fp32 we
             reduce-scattered: wire >= 3(n-1)/n S (more here: the SiT runs two forwards, the
             discriminator two roles per step)
 ZeRO-1 and ZeRO-2 send the same bytes (DeepSpeed averages gradients through the same path);
-they differ in memory only. ZeRO pads each model's flat parameter group to a multiple of
-2 x world_size elements; the payloads below include that padding.
+they differ in memory only. ZeRO pads each model's flat weight group to a multiple of
+2 x world_size elements, so its all-gather carries that padding too.
 """
 
 import argparse
@@ -150,11 +150,12 @@ def payload_per_step(strategy: str, trainable: Dict[str, int], world: int) -> Di
     wrapper around torch.distributed sees (an all-reduce's tensor, a reduce-scatter's full
     input, an all-gather's full output). ``trainable``: {"sit", "vae", "disc"} counts."""
     models = ("sit", "vae", "disc")
+    size = BYTES_FP32 * sum(trainable[k] for k in models)
     if strategy == "ddp":
-        return {"gradients": BYTES_FP32 * sum(trainable[k] for k in models), "parameters": 0}
+        return {"gradients": size, "parameters": 0}
     if strategy in ("zero1", "zero2", "zero2_rs"):
-        size = BYTES_FP32 * sum(zero_padded(trainable[k], world) for k in models)
-        return {"gradients": size, "parameters": size}
+        # the gradient buckets hold the gradients only; the gathered weight groups are padded
+        return {"gradients": size, "parameters": BYTES_FP32 * sum(zero_padded(trainable[k], world) for k in models)}
     if strategy == "zero3":
         raise ValueError("zero3 is not run by the engine (see README: ZeRO-3 / FSDP2 decision)")
     raise ValueError(f"unknown strategy {strategy!r}; one of {STRATEGIES}")
@@ -317,8 +318,8 @@ def main(argv=None) -> int:
     print(f"\ndata: each node must deliver {per_node:.0f} images/s ({args.gpus_per_node} x {args.batch} images per "
           f"{times.step * 1e3:.0f} ms step, at 100 % efficiency); that is {per_node:.0f} JPEG decodes/s per node, "
           f"{cores:.1f} CPU cores at the measured {decode['images_per_s_per_core']:.0f} images/s per core "
-          f"({decode['source']}), or the GPU decoder (DALI). An ImageNet epoch takes "
-          f"{ASSUMPTIONS['imagenet_images'] / per_node:.0f} s per node-equivalent.")
+          f"({decode['source']}), or the GPU decoder (DALI); one node alone would take "
+          f"{ASSUMPTIONS['imagenet_images'] / per_node:.0f} s per ImageNet epoch.")
     for n in GPU_COUNTS:
         print(f"  {n:5d} GPUs: {n * args.batch / times.step:8.0f} images/s in total")
 

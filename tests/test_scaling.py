@@ -19,10 +19,11 @@ S = 4 * 1250
 
 def test_payload_per_step_is_the_fp32_parameter_bytes_once_for_ddp_twice_for_zero():
     assert scaling.payload_per_step("ddp", COUNTS, 2) == {"gradients": S, "parameters": 0}
-    # ZeRO pads each model's group to a multiple of 2 x world: 1000, 200, 50 -> 52 (world 2), 1008, 208, 64 (world 8)
+    # ZeRO pads each model's weight group to a multiple of 2 x world: 1000, 200, 50 -> 52 (world 2),
+    # 1008, 208, 64 (world 8); the gradient buckets are not padded
     assert scaling.payload_per_step("zero1", COUNTS, 2) == scaling.payload_per_step("zero2", COUNTS, 2) == \
-        {"gradients": 4 * 1252, "parameters": 4 * 1252}
-    assert scaling.payload_per_step("zero2_rs", COUNTS, 8) == {"gradients": 4 * 1280, "parameters": 4 * 1280}
+        {"gradients": S, "parameters": 4 * 1252}
+    assert scaling.payload_per_step("zero2_rs", COUNTS, 8) == {"gradients": S, "parameters": 4 * 1280}
     with pytest.raises(ValueError, match="unknown strategy"):
         scaling.payload_per_step("fsdp9", COUNTS, 2)
 
