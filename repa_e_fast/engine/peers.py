@@ -67,17 +67,24 @@ class PeerWatch:
 
     # -- the background thread -------------------------------------------------------------
     def _run(self) -> None:
+        store_lost_since = None
         while not self.stopped.wait(self.interval):
             try:
                 self.beats += 1
                 self.store.set(str(self.rank), str(self.beats))
                 lost = self._stalled()
-            except Exception as error:  # the store itself is gone: its host (rank 0's node) is lost
+                store_lost_since = None
+                reason = f"no heartbeat for more than {self.timeout_s:g} s"
+            except Exception as error:
+                # The store is gone: its host (rank 0's node) is lost, or rank 0 finished and
+                # exited while this rank is finishing too. Give the main thread timeout_s to
+                # end (or to fail in a collective, which names the lost rank) before exiting.
                 if self.stopped.is_set():
                     return
+                store_lost_since = store_lost_since or time.monotonic()
+                if time.monotonic() - store_lost_since <= self.timeout_s:
+                    continue
                 lost, reason = [0], f"the rendezvous store at {self.address} is unreachable ({error})"
-            else:
-                reason = f"no heartbeat for more than {self.timeout_s:g} s"
             if lost and not self.stopped.is_set():
                 print(self.message(lost, reason), file=sys.stderr, flush=True)
                 self.exit_process(EXIT_LOST_RANK)
