@@ -10,7 +10,6 @@ collectives and, for DDP's C++ reducer, a counting communication hook).
 """
 
 import copy
-import datetime
 import logging
 import os
 import pathlib
@@ -107,11 +106,11 @@ def trainable_counts(backend) -> dict:
     return {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in counts.items()}
 
 
-def counted_run(name, base_models, base_ema, rank, world, counter):
+def counted_run(name, base_models, base_ema, rank, world, counter, out):
     """A harness run with the byte counter on during its training steps only (not during the
     engines' construction broadcasts nor the final optimizer-state gathering)."""
     if name == "ds_zero2_resume":
-        return harness.resume_run(base_models, base_ema, rank, world, OUT), None
+        return harness.resume_run(base_models, base_ema, rank, world, out), None
     run = harness.RUNS[name]
     models, ema = copy.deepcopy(base_models), copy.deepcopy(base_ema)
     backend = harness.make_backend(run.backend, run.template, run.precision, run.accumulation, models)
@@ -140,8 +139,6 @@ def counted_run(name, base_models, base_ema, rank, world, counter):
 
 
 def main(out: str, names):
-    global OUT
-    OUT = out
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     counter = ByteCounter()
@@ -155,7 +152,7 @@ def main(out: str, names):
     base_models, base_ema = harness.build_models()
     results, counts = {}, {}
     for name in names:
-        results[name], counts[name] = counted_run(name, base_models, base_ema, rank, world, counter)
+        results[name], counts[name] = counted_run(name, base_models, base_ema, rank, world, counter, out)
         dist.barrier()
     if rank == 0:
         hosts = [None] * world
@@ -166,8 +163,6 @@ def main(out: str, names):
         dist.all_gather_object([None] * world, os.environ.get("GLOO_SOCKET_IFNAME"))
     dist.destroy_process_group()
 
-
-OUT = None
 
 if __name__ == "__main__":
     arguments = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]  # the deepspeed launcher's
