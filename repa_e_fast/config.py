@@ -117,6 +117,7 @@ class TrainConfig:
     compile: bool = False
     sync_discriminator_bn: bool = False  # global-batch BN in the discriminator (the official D uses per-rank statistics)
     device: Optional[str] = None  # default: cuda:<local_rank> when available, else cpu
+    dist_timeout: int = 600  # s: collective timeout, and how long a silent peer rank is waited for
 
     # -- derived values -----------------------------------------------------------------
     @property
@@ -191,6 +192,7 @@ RANGES = {
     "adam_beta2": (0, 1, True, False),
     "bn_momentum": (0, 1, True, True),
     "resume_step": (0, None, True, False),
+    "dist_timeout": (1, None, True, False),
 }
 REPORT_TARGETS = ("jsonl", "tensorboard", "wandb")
 TYPE_HINTS = get_type_hints(TrainConfig)

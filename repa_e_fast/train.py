@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -34,6 +35,7 @@ from repa_e_fast.engine.backends import DDPBackend, SingleProcessBackend, build_
 from repa_e_fast.engine.checkpoint import (CheckpointManager, CheckpointWriteError, NoGoodCheckpoint,
                                           rng_state, set_rng_state, verify_checkpoint)
 from repa_e_fast.engine.ema import update_ema
+from repa_e_fast.engine.peers import watch_peers
 from repa_e_fast.engine.reporting import MetricsLogger, plot_loss_curves, read_metrics, save_image_grid
 from repa_e_fast.engine.step import LDMStep, REPAEStep, StepConfig
 from repa_e_fast.engine.sync_batchnorm import convert_to_global_batchnorm
@@ -104,9 +106,9 @@ def setup_runtime(config: TrainConfig, launcher_local_rank: Optional[int]) -> Ru
             import deepspeed.ops
 
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend=comm)
+        deepspeed.init_distributed(dist_backend=comm, timeout=timedelta(seconds=config.dist_timeout))
     elif backend == "ddp":
-        dist.init_process_group(comm)
+        dist.init_process_group(comm, timeout=timedelta(seconds=config.dist_timeout))
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     return Runtime(backend, rank, world_size, local_rank, device)
@@ -552,7 +554,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        return train(config, runtime)
+        with watch_peers(config.dist_timeout):  # a lost node: one message naming it, exit 76
+            return train(config, runtime)
     except TrainingAborted as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAULTS

@@ -202,6 +202,15 @@ class DDPBackend(SingleProcessBackend):
                 # rank 0's buffers must not overwrite the others' mid-step.
                 self.models[name] = nn.parallel.DistributedDataParallel(
                     self.modules[name], device_ids=device_ids, broadcast_buffers=False, process_group=process_group)
+        # Ranks are seeded differently. DDP copied rank 0's SiT and VAE above; the loss
+        # module (discriminator, logvar, LPIPS) is copied here, or every rank would train its
+        # own discriminator from its own initialisation (and a resume, which loads rank 0's
+        # into all ranks, would not continue the same run).
+        source = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+        for name, module in self.models.items():
+            if name not in self.WRAPPED:
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(tensor.data, src=source, group=process_group)
         self._set_gradient_sync()
 
     def _set_gradient_sync(self) -> None:
