@@ -537,19 +537,21 @@ def _parent_of(pid: int) -> Optional[int]:
 class PreemptionFlag:
     """Set by SIGTERM, SIGINT (Ctrl-C) or SIGUSR1, or when the launcher is gone: under
     ``deepspeed``/``torchrun`` the trainer's parent is the per-node launcher. When the launcher
-    dies, Linux sends SIGTERM (``PR_SET_PDEATHSIG``); when the launcher's own parent (the
-    ``deepspeed`` runner) dies and leaves it orphaned, nothing signals anyone, so the
-    launcher's parent is compared with the one seen at start at every step."""
+    dies, Linux sends SIGTERM (``PR_SET_PDEATHSIG``). Under ``deepspeed`` the launcher has a
+    parent of its own, the runner (the ``deepspeed`` command); when only the runner dies (it
+    forwards no signal on one node) the launcher trains on, orphaned, and nothing signals
+    anyone: so the launcher's parent is compared with the one seen at start at every step.
+    (Not under torchrun: its parent is the user's shell, which may end under nohup.)"""
 
-    def __init__(self, launched: bool):
+    def __init__(self, launcher: Optional[str]):
         self.signal = None
         self.reason = None
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self._handler)
         self._launcher = self._launcher_parent = None
-        if launched and sys.platform.startswith("linux"):
+        if launcher is not None and sys.platform.startswith("linux"):
             self._launcher = os.getppid()
-            self._launcher_parent = _parent_of(self._launcher)
+            self._launcher_parent = _parent_of(self._launcher) if launcher == "deepspeed" else None
             try:
                 pr_set_pdeathsig = 1
                 ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
@@ -592,20 +594,21 @@ def reduce_logs(logs: Dict[str, torch.Tensor], runtime: Runtime) -> Dict[str, fl
     return dict(zip(keys, values.tolist()))
 
 
-def train(config: TrainConfig, runtime: Runtime, launched: bool = False) -> int:
+def train(config: TrainConfig, runtime: Runtime, launcher: Optional[str] = None) -> int:
+    """``launcher``: "deepspeed", "torchrun" or None (started directly)."""
     micro_batch = validate_world(config, runtime.world_size)
     validate_files(config)
     experiment = config.experiment_dir
     manager = CheckpointManager(experiment / "checkpoints", keep_last=config.keep_last_checkpoints)
     lock = RunLock(experiment)
     try:
-        return _train(config, runtime, micro_batch, manager, lock, launched)
+        return _train(config, runtime, micro_batch, manager, lock, launcher)
     finally:
         lock.release()
 
 
 def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: CheckpointManager, lock: RunLock,
-           launched: bool) -> int:
+           launcher: Optional[str]) -> int:
     experiment = config.experiment_dir
     error = None
     if runtime.is_main:
@@ -652,7 +655,7 @@ def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: Che
     if logger is not None and resume_from is not None:
         logger.truncate_after(progress.step)
 
-    preemption = PreemptionFlag(launched)
+    preemption = PreemptionFlag(launcher)
     injection = config.fault_injection or {}
     inject_steps = set(injection.get("steps", []))  # tests: poison `count` attempts at these steps
     injected: Dict[int, int] = {}
@@ -755,9 +758,10 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    launched = launcher_local_rank is not None or "TORCHELASTIC_RUN_ID" in os.environ
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else (
+        "deepspeed" if launcher_local_rank is not None else None)
     try:
-        return train(config, runtime, launched)
+        return train(config, runtime, launcher)
     except TrainingAborted as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAULTS
