@@ -64,10 +64,18 @@ def safe_torch_load(path, map_location="cpu", *, mmap: bool = False, extra_globa
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         # torch's message is many lines of advice; the refused global is what matters.
-        found = re.search(r"[Uu]nsupported (?:global: )?(?:GLOBAL|operand) [^\s,]+", str(error))
-        reason = found.group(0) if found else str(error).strip().splitlines()[-1]
-        raise CheckpointError(f"refusing to load {path}: it is not a plain weights file ({reason}); "
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL [^\s,]+", str(error))
+        if found:
+            raise CheckpointError(f"refusing to load {path}: it is not a plain weights file ({found.group(0)}); "
+                                  f"nothing in it was run") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        details = [line for line in lines if not line.startswith("Check the documentation")]
+        reason = details[-1] if details else type(error).__name__
+        raise CheckpointError(f"could not read checkpoint {path}: {reason} (damaged, or not a torch file); "
                               f"nothing in it was run") from None
+    except (RuntimeError, EOFError) as error:  # not a torch zip file, truncated
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {first}") from None
 
 
 def load_state_dict_file(path: str, key: Optional[str] = None, map_location="cpu") -> Dict[str, torch.Tensor]:
