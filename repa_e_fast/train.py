@@ -36,7 +36,7 @@ import torch.distributed as dist
 from repa_e_fast.config import ConfigError, TrainConfig, parse_config, validate_files, validate_world
 from repa_e_fast.engine.backends import DDPBackend, SingleProcessBackend, build_adamw
 from repa_e_fast.engine.checkpoint import (CheckpointManager, CheckpointWriteError, NoGoodCheckpoint, RunFolderError,
-                                          RunLock, check_writable, rng_state, set_rng_state,
+                                          RunLock, check_writable, proc_stat_field, rng_state, set_rng_state,
                                           unverified_checkpoints_report, verify_checkpoint)
 from repa_e_fast.engine.ema import update_ema
 from repa_e_fast.engine.reporting import MetricsLogger, plot_loss_curves, read_metrics, save_image_grid
@@ -526,14 +526,6 @@ def agree_on_start(runtime: Runtime, error: Optional[BaseException]) -> None:
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
-def _parent_of(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 class PreemptionFlag:
     """Set by SIGTERM, SIGINT (Ctrl-C) or SIGUSR1, or when the launcher is gone: under
     ``deepspeed``/``torchrun`` the trainer's parent is the per-node launcher. When the launcher
@@ -551,14 +543,12 @@ class PreemptionFlag:
         self._launcher = self._launcher_parent = None
         if launcher is not None and sys.platform.startswith("linux"):
             self._launcher = os.getppid()
-            self._launcher_parent = _parent_of(self._launcher) if launcher == "deepspeed" else None
+            self._launcher_parent = proc_stat_field(self._launcher, "ppid") if launcher == "deepspeed" else None
             try:
                 pr_set_pdeathsig = 1
                 ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
             except (OSError, AttributeError):
-                pass  # the polling below still notices
-            if os.getppid() != self._launcher:  # it died before the prctl took effect
-                self.signal = signal.SIGTERM
+                pass  # launcher_gone() still notices
 
     def _handler(self, signum, frame):
         self.signal = signum
@@ -570,7 +560,7 @@ class PreemptionFlag:
         if os.getppid() != self._launcher:
             self.reason = f"launcher (pid {self._launcher}) exited"
             return True
-        if self._launcher_parent is not None and _parent_of(self._launcher) != self._launcher_parent:
+        if self._launcher_parent is not None and proc_stat_field(self._launcher, "ppid") != self._launcher_parent:
             self.reason = f"launcher (pid {self._launcher}) orphaned: its parent {self._launcher_parent} exited"
             return True
         return False

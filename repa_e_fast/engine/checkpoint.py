@@ -272,12 +272,14 @@ def check_writable(directory: Path, probe_bytes: int = 1 << 20) -> None:
             pass
 
 
-def _process_start_time(pid: int) -> Optional[str]:
-    """The start time of ``pid`` in clock ticks since boot (Linux /proc), None elsewhere or
-    when there is no such process. With the pid it names one process, even after pid reuse."""
+def proc_stat_field(pid: int, name: str) -> Optional[str]:
+    """``ppid`` or ``starttime`` (clock ticks since boot) of ``pid`` from Linux's
+    /proc/<pid>/stat; None elsewhere or when there is no such process. Pid and start time
+    together name one process, even after the pid is reused."""
+    index = {"ppid": 1, "starttime": 19}[name]  # fields after the ")" that ends the command name
     try:
         with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
+            return handle.read().rsplit(")", 1)[1].split()[index]
     except (OSError, IndexError):
         return None
 
@@ -297,7 +299,7 @@ class RunLock:
     def _mine(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "process_start": _process_start_time(os.getpid())}
+                "process_start": proc_stat_field(os.getpid(), "starttime")}
 
     def _read(self) -> Optional[dict]:
         try:
@@ -313,7 +315,7 @@ class RunLock:
             return False
         except PermissionError:
             pass  # exists, owned by another user
-        recorded, now = holder.get("process_start"), _process_start_time(int(holder["pid"]))
+        recorded, now = holder.get("process_start"), proc_stat_field(int(holder["pid"]), "starttime")
         return recorded is None or now is None or recorded == now
 
     def acquire(self) -> Optional[str]:
