@@ -520,7 +520,9 @@ def _samplers_checker():
 
 
 def load_fixture(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from .models.checkpoints import safe_torch_load
+
+    return safe_torch_load(path)
 
 
 def run_fixture(path_or_data, verbose: bool = False) -> List[Result]:

@@ -91,7 +91,8 @@ def test_safe_torch_load_refuses_code_and_reads_our_files(tmp_path, finished_run
     assert safe_torch_load(directory / "trainer.pt")["progress"]["step"] == 2
 
 
-@pytest.mark.parametrize("target,resume", [("official.pt", "auto"), ("trainer.pt", "dir"), ("rng/rank00000.pt", "auto")])
+@pytest.mark.parametrize("target,resume",
+                         [("official.pt", "auto"), ("trainer.pt", "dir"), ("rng/rank00000.pt", "auto")])
 def test_resume_refuses_a_checkpoint_file_that_runs_code(tmp_path, finished_run, target, resume):
     run = _copy_run(finished_run, tmp_path / "run_copy")
     directory = checkpoint_dir(run, 2)
@@ -174,6 +175,18 @@ def _wait_for_steps(run_dir, count, process, timeout=240):
     raise AssertionError(f"{count} steps not reached; exit {process.poll()}")
 
 
+def _wait_until_every_process_exited(process, output, timeout=30):
+    """After EOF the last exits may not have been reaped by init yet: poll the process group."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes of the job are left:\n{output[-3000:]}")
+
+
 def _preempted_marker(run_dir):
     return json.loads((Path(run_dir) / "run" / "PREEMPTED").read_text())
 
@@ -188,6 +201,7 @@ def test_signal_to_the_process_group_with_loader_workers_checkpoints_and_exits_7
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 75, output[-3000:]
     assert f"preempted by signal {sig.name}" in output and "Traceback" not in output
+    _wait_until_every_process_exited(process, output)  # the loader worker too
     good = CheckpointManager(tmp_path / "run" / "checkpoints").latest_good()
     assert good is not None and int(good.name) >= 2
     assert _preempted_marker(tmp_path) == {"step": int(good.name), "reason": f"signal {sig.name}"}
@@ -215,15 +229,7 @@ def test_trainer_notices_the_deepspeed_runner_is_gone_and_checkpoints(tmp_path):
     _wait_for_steps(tmp_path, 2, process)
     process.send_signal(signal.SIGTERM)  # the runner only
     output, _ = process.communicate(timeout=180)  # EOF: every process holding the pipe has exited
-    deadline = time.time() + 30  # the last exits may not have been reaped by init yet
-    while time.time() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"processes of the job are left:\n{output[-3000:]}")
+    _wait_until_every_process_exited(process, output)
     assert "preempted by launcher" in output and "orphaned" in output, output[-3000:]
     marker = _preempted_marker(tmp_path)
     assert "orphaned" in marker["reason"], output[-3000:]
@@ -324,8 +330,9 @@ def test_resume_applies_a_changed_learning_rate_to_the_optimizer(tmp_path, finis
     assert [g["lr"] for g in official["opt"]["param_groups"]] == [0.05]
     assert [g["lr"] for g in official["opt_vae"]["param_groups"]] == [1e-4]  # unchanged
     # The step from 2 to 3 really used lr 0.05: Adam's first update moves each weight by ~lr.
-    before = safe_torch_load(checkpoint_dir(finished_run, 2) / "official.pt")["model"]["y_embedder.embedding_table.weight"]
-    after = official["model"]["y_embedder.embedding_table.weight"]
+    name = "y_embedder.embedding_table.weight"
+    before = safe_torch_load(checkpoint_dir(finished_run, 2) / "official.pt")["model"][name]
+    after = official["model"][name]
     assert (after - before).abs().max().item() > 0.01
 
 
