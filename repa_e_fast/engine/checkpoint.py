@@ -318,6 +318,22 @@ class RunLock:
         recorded, now = holder.get("process_start"), proc_stat_field(int(holder["pid"]), "starttime")
         return recorded is None or now is None or recorded == now
 
+    def _create(self, tmp: Path, mine: dict) -> bool:
+        """Create the lock file atomically; False when it exists."""
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: exclusive create, then write
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(mine) + "\n")
+            return True
+
     def acquire(self) -> Optional[str]:
         """Take the lock; returns a notice when a stale lock was taken over. Raises
         ``RunFolderError`` when another trainer holds it."""
@@ -328,12 +344,9 @@ class RunLock:
         notice = None
         try:
             for _ in range(3):
-                try:
-                    os.link(tmp, self.path)
+                if self._create(tmp, mine):
                     self.held = True
                     return notice
-                except FileExistsError:
-                    pass
                 holder = self._read()
                 if holder is None:
                     time.sleep(0.2)  # being replaced right now; look again
