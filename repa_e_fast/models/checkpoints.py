@@ -78,6 +78,10 @@ def safe_torch_load(path, map_location="cpu", *, mmap: bool = False, extra_globa
         raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {first}") from None
 
 
+# The name models/encoder_checkpoints.py (on main) imports: the same allow-listed load.
+_torch_load = safe_torch_load
+
+
 def load_state_dict_file(path: str, key: Optional[str] = None, map_location="cpu") -> Dict[str, torch.Tensor]:
     """Read a state dict from ``path``. ``key`` selects an entry of a checkpoint dict
     (e.g. "ema"); without it a dict of tensors is returned as is, and a dict with a single
