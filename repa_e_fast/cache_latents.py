@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from .data.cached_latents import IMAGES_FILE, LATENTS_FILE, META_FILE
 from .data.records import HEADER_SIZE, RecordWriter, read_header
+from .models.checkpoints import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +153,12 @@ def main(argv=None) -> int:
         part_dir.mkdir()
     if dist.is_initialized():
         dist.barrier()
-    count, num_classes, bad = _encode_to_parts(args, rank, world, device, part_dir)
+    try:
+        count, num_classes, bad = _encode_to_parts(args, rank, world, device, part_dir)
+    except CheckpointError as error:  # the VAE file does not fit, or is refused (it would run code)
+        shutil.rmtree(part_dir, ignore_errors=True)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:

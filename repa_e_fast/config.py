@@ -54,6 +54,7 @@ class TrainConfig:
     resume: Optional[str] = None  # None, "auto" (latest good checkpoint) or a checkpoint directory
     resume_step: int = 0  # official flag: resume from <output>/<exp>/checkpoints/<step:07d>
     init_from: Optional[str] = None  # an official single-file checkpoint to start from (weights + optimizers)
+    overwrite: bool = False  # replace a run already in the output folder (otherwise: --resume auto, or refused)
     max_consecutive_faults: int = 20
     fault_injection: Optional[Dict[str, Any]] = None  # tests only: {loss: sit_loss, steps: [..], count: 1}
     # -- model --------------------------------------------------------------------------

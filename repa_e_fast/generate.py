@@ -54,6 +54,7 @@ from .models.checkpoints import (
     load_latents_stats,
     load_state_dict_file,
     load_state_dict_strict,
+    safe_torch_load,
     strip_wrapper_prefixes,
 )
 from .models.encoders import DINOV2_ARCHS, parse_enc_type
@@ -99,9 +100,9 @@ def read_checkpoint(path: str) -> Dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     verify_enclosing_checkpoint(path)
     try:
-        # The official checkpoints pickle an argparse.Namespace under "args" (Q19).
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = safe_torch_load(path, mmap=True)  # the allow-list covers the official "args" (Q19)
+    except CheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
     if not isinstance(checkpoint, dict):

@@ -566,7 +566,9 @@ def fixture_kind(data: dict) -> Optional[str]:
 
 
 def load_fixture(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from .models.checkpoints import safe_torch_load
+
+    return safe_torch_load(path)
 
 
 def run_fixture(path_or_data, verbose: bool = False) -> List[Result]:

@@ -5,11 +5,15 @@ flags (see ``config.py``).
 The loop is the official one (spec §2): one REPA-E step per batch (``engine/step.py``), EMA,
 logging of the official values, periodic sample grids and checkpoints. Around it, what a
 long run on a shared cluster needs: checks before anything expensive, exact resume
-(``--resume auto``), atomic checkpoints, SIGTERM/SIGUSR1 -> checkpoint and exit 75, and
-non-finite steps skipped then, after ``max_consecutive_faults`` in a row, exit 65.
+(``--resume auto``), atomic checkpoints, SIGTERM/SIGINT/SIGUSR1 (or the launcher's death) ->
+checkpoint, ``<run>/PREEMPTED`` and exit 75, and non-finite steps skipped then, after
+``max_consecutive_faults`` in a row, exit 65. Every file is loaded without running code from
+it (``safe_torch_load``); one trainer per run folder (``RunLock``).
 """
 
 import copy
+import ctypes
+import json
 import math
 import os
 import signal
@@ -32,18 +36,34 @@ import torch.distributed as dist
 
 from repa_e_fast.config import ConfigError, TrainConfig, parse_config, validate_files, validate_world
 from repa_e_fast.engine.backends import DDPBackend, SingleProcessBackend, build_adamw
-from repa_e_fast.engine.checkpoint import (CheckpointManager, CheckpointWriteError, NoGoodCheckpoint,
-                                          rng_state, set_rng_state, verify_checkpoint)
+from repa_e_fast.engine.checkpoint import (CheckpointManager, CheckpointWriteError, NoGoodCheckpoint, RunFolderError,
+                                          RunLock, check_writable, proc_stat_field, rng_state, set_rng_state,
+                                          unverified_checkpoints_report, verify_checkpoint)
 from repa_e_fast.engine.ema import update_ema
 from repa_e_fast.engine.peers import watch_peers
 from repa_e_fast.engine.reporting import MetricsLogger, plot_loss_curves, read_metrics, save_image_grid
 from repa_e_fast.engine.step import LDMStep, REPAEStep, StepConfig
 from repa_e_fast.engine.sync_batchnorm import convert_to_global_batchnorm
+from repa_e_fast.models.checkpoints import safe_torch_load
 
 EXIT_OK = 0
 EXIT_ERROR = 2  # bad configuration, data or checkpoint: nothing was trained
 EXIT_FAULTS = 65  # too many consecutive non-finite steps; the last good checkpoint is intact
-EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was written; rerun with --resume auto
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT/SIGUSR1 or launcher gone: a checkpoint was written; rerun with --resume auto
+PREEMPTED_MARKER = "PREEMPTED"  # <run>/PREEMPTED: {"step": ..., "reason": ...}; a job script requeues on it
+
+# What a resume may change. Applied with a notice: how the run is driven from now on.
+RESUME_APPLIED = ("learning_rate", "vae_learning_rate", "disc_learning_rate", "log_every", "report_to",
+                  "wandb_project", "checkpointing_steps", "keep_last_checkpoints", "sampling_steps",
+                  "sample_grid_size", "sample_num_steps", "sample_cfg_scale", "max_train_steps", "epochs",
+                  "max_consecutive_faults")
+# Accepted silently: where files are (a run moved to another cluster) and speed switches that
+# compute the same thing. Every other field defines the run: a change is refused.
+RESUME_FREE = ("output_dir", "exp_name", "resume", "resume_step", "init_from", "overwrite", "fault_injection",
+               "data_dir", "latents_path", "pretrained_dir", "vae_ckpt", "encoder_ckpts", "lpips_vgg16_ckpt",
+               "lpips_lin_ckpt", "disc_pretrained_ckpt", "loss_cfg_path", "deepspeed_config", "num_workers",
+               "data_backend", "device", "backend", "fused_ops", "fused_attn", "attn_backend", "channels_last",
+               "compile", "allow_tf32", "allow_random_encoder", "allow_random_lpips")
 
 LOGGED_CURVES = ("sit_loss", "denoising_loss", "proj_loss", "vae_loss", "vae_align_loss", "d_loss")
 
@@ -299,6 +319,11 @@ def choose_resume(config: TrainConfig, manager: CheckpointManager) -> Optional[P
         return None
     if config.resume == "auto":
         found = manager.latest_good()
+        if found is None and manager.complete_checkpoints():
+            # Never a silent restart from step 0 over checkpoints that may be repairable.
+            raise NoGoodCheckpoint(f"--resume auto: no checkpoint under {manager.root} verifies: "
+                                   f"{unverified_checkpoints_report(manager)}; repair or move them away "
+                                   f"(or start over with --overwrite)")
         return found  # None: a fresh start
     path = Path(config.resume)
     problem = verify_checkpoint(path)
@@ -307,14 +332,63 @@ def choose_resume(config: TrainConfig, manager: CheckpointManager) -> Optional[P
     return path
 
 
-def load_checkpoint(path: Path, config, runtime, models, backend, loader) -> Progress:
-    from repa_e_fast.models.checkpoints import load_state_dict_strict
+@dataclass
+class ResumeState:
+    path: Path
+    official: dict
+    trainer: dict
+    rng: dict
 
+
+def read_resume_state(path: Path, runtime: Runtime) -> ResumeState:
+    """Verify and read a checkpoint (no code in it can run), before any model is built."""
     problem = verify_checkpoint(path)
     if problem:
         raise NoGoodCheckpoint(f"cannot resume from {path}: {problem}")
-    official = torch.load(path / "official.pt", map_location="cpu", weights_only=False)
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    official = safe_torch_load(path / "official.pt")
+    trainer = safe_torch_load(path / "trainer.pt")
+    rng_file = path / "rng" / f"rank{runtime.rank:05d}.pt"
+    rng = safe_torch_load(rng_file) if rng_file.is_file() else None
+    return ResumeState(path, official, trainer, rng)
+
+
+def check_resumed_config(config: TrainConfig, resumed: ResumeState, runtime: Runtime) -> None:
+    """Refuse a resume that changes what the run computes (one line naming every change);
+    log the changes that are applied (learning rates, logging, cadence)."""
+    saved, new = resumed.trainer.get("config", {}), config.to_dict()
+    changed = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v}
+    refused = [f"{k} {old!r} -> {value!r}" for k, (old, value) in changed.items()
+               if k not in RESUME_APPLIED and k not in RESUME_FREE]
+    if resumed.trainer.get("world_size", runtime.world_size) != runtime.world_size:
+        refused.append(f"world_size {resumed.trainer['world_size']} -> {runtime.world_size}")
+    saved_deepspeed = (resumed.path / "deepspeed").is_dir()
+    if saved_deepspeed != (runtime.backend == "deepspeed"):
+        refused.append(f"backend {'deepspeed' if saved_deepspeed else 'single/ddp'} -> {runtime.backend}")
+    if refused:
+        raise ConfigError(f"cannot resume {resumed.path} with a changed {'; '.join(refused)} (these define the "
+                          f"run: resume without changing them, or start a new run)")
+    for key in RESUME_APPLIED:
+        if key in changed:
+            log(runtime, f"resume: {key} changed {changed[key][0]!r} -> {changed[key][1]!r}; the new value applies")
+
+
+def set_learning_rates(config: TrainConfig, backend) -> None:
+    """Put the configured learning rates into every optimizer param group (a resumed
+    optimizer state carries the old run's)."""
+    lrs = {"sit": config.learning_rate, "vae": config.vae_learning_rate, "disc": config.disc_learning_rate}
+    if isinstance(backend, SingleProcessBackend):
+        optimizers = backend.optimizers
+    else:  # DeepSpeed engines; a ZeRO optimizer exposes its base optimizer's param groups
+        optimizers = {name: engine.optimizer for name, engine in backend.models.items()}
+    for name, optimizer in optimizers.items():
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[name]
+
+
+def load_checkpoint(resumed: ResumeState, config, runtime, models, backend, loader) -> Progress:
+    from repa_e_fast.models.checkpoints import load_state_dict_strict
+
+    path, official, trainer = resumed.path, resumed.official, resumed.trainer
     load_state_dict_strict(backend.unwrap("sit"), official["model"], f"SiT from {path}")
     load_state_dict_strict(models["ema"], official["ema"], f"EMA from {path}")
     names = {"sit": "opt"}
@@ -328,13 +402,11 @@ def load_checkpoint(path: Path, config, runtime, models, backend, loader) -> Pro
         backend.load_checkpoint(path / "deepspeed")
     else:
         backend.load_state_dict({"optimizers": {k: official[v] for k, v in names.items()}, **trainer["backend"]})
+    set_learning_rates(config, backend)
     loader.load_state_dict(trainer["loader"])
-    rng_file = path / "rng" / f"rank{runtime.rank:05d}.pt"
-    if trainer["world_size"] == runtime.world_size and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    else:
-        log(runtime, f"world size changed ({trainer['world_size']} -> {runtime.world_size}): RNG streams reseeded")
-        seed_everything(config.seed + runtime.rank + 7919 * trainer["progress"]["step"])
+    if resumed.rng is None:
+        raise NoGoodCheckpoint(f"cannot resume from {path}: no RNG state for rank {runtime.rank}")
+    set_rng_state(resumed.rng)
     return Progress(**trainer["progress"])
 
 
@@ -347,7 +419,7 @@ def init_from_official(path: str, runtime, models, backend) -> Progress:
     load_state_dict_strict(backend.unwrap("vae"), load_state_dict_file(path, "vae"), f"VAE from {path}")
     load_state_dict_strict(backend.unwrap("disc").discriminator, load_state_dict_file(path, "discriminator"),
                            f"discriminator from {path}")
-    full = torch.load(path, map_location="cpu", weights_only=False)
+    full = safe_torch_load(path)
     if all(k in full for k in ("opt", "opt_vae", "opt_disc")) and isinstance(backend, SingleProcessBackend):
         backend.load_state_dict({"optimizers": {"sit": full["opt"], "vae": full["opt_vae"], "disc": full["opt_disc"]}})
     else:
@@ -385,20 +457,119 @@ def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: in
     return save_image_grid(images, directory / f"samples_{step:07d}.png", columns=columns)
 
 
+def write_optional(runtime: Runtime, what: str, write) -> Optional[Path]:
+    """Sample grids and the loss plot are optional: a full or read-only disk there is a
+    warning and training goes on (checkpoints have their own error path: exit 2, the
+    previous checkpoint intact)."""
+    try:
+        return write()
+    except OSError as error:
+        log(runtime, f"warning: could not write the {what} ({error.strerror or error}); training continues")
+        return None
+
+
+def write_preempted_marker(experiment: Path, step: int, reason: str) -> None:
+    """``<run>/PREEMPTED``: a job script requeues the job when it exists (the launchers do not
+    pass exit code 75 through). Written atomically; removed when a run starts."""
+    marker = experiment / PREEMPTED_MARKER
+    tmp = marker.with_name(PREEMPTED_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "reason": reason}) + "\n")
+    os.replace(tmp, marker)
+
+
+def prepare_run_folder(config: TrainConfig, manager: CheckpointManager, lock: RunLock, runtime: Runtime) -> None:
+    """Rank 0, before any work: the folder is usable (not a file, writable, free space), owned
+    by this trainer alone, and does not hold another run unless resuming or --overwrite."""
+    experiment = config.experiment_dir
+    for folder in (Path(config.output_dir), experiment):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"output folder {folder} exists and is not a folder")
+    check_writable(manager.root)
+    notice = lock.acquire()
+    if notice:
+        log(runtime, f"notice: {notice}")
+    resuming = bool(config.resume or config.resume_step)
+    metrics = experiment / "metrics.jsonl"
+    holds_run = bool(manager.complete_checkpoints()) or (metrics.is_file() and metrics.stat().st_size > 0)
+    if holds_run and not resuming:
+        if not config.overwrite:
+            raise ConfigError(f"{experiment} holds a run (checkpoints or metrics); continue it with --resume auto, "
+                              f"or replace it with --overwrite")
+        import shutil
+
+        shutil.rmtree(manager.root)  # the old run's checkpoints must not be taken for this run's
+        check_writable(manager.root)
+        log(runtime, f"--overwrite: the run in {experiment} is replaced")
+    if resuming and manager.complete_checkpoints():
+        import shutil
+
+        needed = max(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in manager.complete_checkpoints())
+        free = shutil.disk_usage(manager.root).free
+        if free < needed:
+            raise RunFolderError(f"{manager.root} has {free / 2**20:.0f} MiB free; a checkpoint of this run needs "
+                                 f"{needed / 2**20:.0f} MiB")
+    (experiment / PREEMPTED_MARKER).unlink(missing_ok=True)
+
+
+def agree_on_start(runtime: Runtime, error: Optional[BaseException]) -> None:
+    """Rank 0's start-up checks stop every rank, each with one line."""
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([1.0 if error is not None else 0.0], device=runtime.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise ConfigError("rank 0 refused to start (see its message)")
+
+
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
 class PreemptionFlag:
-    def __init__(self):
+    """Set by SIGTERM, SIGINT (Ctrl-C) or SIGUSR1, or when the launcher is gone: under
+    ``deepspeed``/``torchrun`` the trainer's parent is the per-node launcher. When the launcher
+    dies, Linux sends SIGTERM (``PR_SET_PDEATHSIG``). Under ``deepspeed`` the launcher has a
+    parent of its own, the runner (the ``deepspeed`` command); when only the runner dies (it
+    forwards no signal on one node) the launcher trains on, orphaned, and nothing signals
+    anyone: so the launcher's parent is compared with the one seen at start at every step.
+    (Not under torchrun: its parent is the user's shell, which may end under nohup.)"""
+
+    def __init__(self, launcher: Optional[str]):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.reason = None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self._handler)
+        self._launcher = self._launcher_parent = None
+        if launcher is not None and sys.platform.startswith("linux"):
+            self._launcher = os.getppid()
+            self._launcher_parent = proc_stat_field(self._launcher, "ppid") if launcher == "deepspeed" else None
+            try:
+                pr_set_pdeathsig = 1
+                ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+            except (OSError, AttributeError):
+                pass  # launcher_gone() still notices
 
     def _handler(self, signum, frame):
         self.signal = signum
+        self.reason = f"signal {signal.Signals(signum).name}"
+
+    def launcher_gone(self) -> bool:
+        if self._launcher is None:
+            return False
+        if os.getppid() != self._launcher:
+            self.reason = f"launcher (pid {self._launcher}) exited"
+            return True
+        if self._launcher_parent is not None and proc_stat_field(self._launcher, "ppid") != self._launcher_parent:
+            self.reason = f"launcher (pid {self._launcher}) orphaned: its parent {self._launcher_parent} exited"
+            return True
+        return False
 
     def raised(self, runtime: Runtime) -> bool:
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=runtime.device)
+        local = self.signal is not None or self.launcher_gone()
+        flag = torch.tensor([1.0 if local else 0.0], device=runtime.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
@@ -415,15 +586,35 @@ def reduce_logs(logs: Dict[str, torch.Tensor], runtime: Runtime) -> Dict[str, fl
     return dict(zip(keys, values.tolist()))
 
 
-def train(config: TrainConfig, runtime: Runtime) -> int:
+def train(config: TrainConfig, runtime: Runtime, launcher: Optional[str] = None) -> int:
+    """``launcher``: "deepspeed", "torchrun" or None (started directly)."""
     micro_batch = validate_world(config, runtime.world_size)
     validate_files(config)
-    seed_everything(config.seed + runtime.rank)
     experiment = config.experiment_dir
-    if runtime.is_main:
-        experiment.mkdir(parents=True, exist_ok=True)
-        import json
+    manager = CheckpointManager(experiment / "checkpoints", keep_last=config.keep_last_checkpoints)
+    lock = RunLock(experiment)
+    try:
+        return _train(config, runtime, micro_batch, manager, lock, launcher)
+    finally:
+        lock.release()
 
+
+def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: CheckpointManager, lock: RunLock,
+           launcher: Optional[str]) -> int:
+    experiment = config.experiment_dir
+    error = None
+    if runtime.is_main:
+        try:
+            prepare_run_folder(config, manager, lock, runtime)
+        except (ConfigError, RunFolderError) as caught:
+            error = caught
+    agree_on_start(runtime, error)
+    resume_from = choose_resume(config, manager)
+    resumed = read_resume_state(resume_from, runtime) if resume_from is not None else None
+    if resumed is not None:
+        check_resumed_config(config, resumed, runtime)
+    seed_everything(config.seed + runtime.rank)
+    if runtime.is_main:
         (experiment / "args.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     if config.train_mode == "ldm":
         from repa_e_fast.data.cached_latents import CachedLatentLoader
@@ -443,10 +634,8 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
     step_cls = LDMStep if config.train_mode == "ldm" else REPAEStep
     step_fn = step_cls(backend, models["ema"], step_config, encoders=models["encoders"])
 
-    manager = CheckpointManager(experiment / "checkpoints", keep_last=config.keep_last_checkpoints)
-    resume_from = choose_resume(config, manager)
-    if resume_from is not None:
-        progress = load_checkpoint(resume_from, config, runtime, models, backend, loader)
+    if resumed is not None:
+        progress = load_checkpoint(resumed, config, runtime, models, backend, loader)
         log(runtime, f"resumed from {resume_from} at step {progress.step}")
     elif config.init_from:
         progress = init_from_official(config.init_from, runtime, models, backend)
@@ -458,7 +647,7 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
     if logger is not None and resume_from is not None:
         logger.truncate_after(progress.step)
 
-    preemption = PreemptionFlag()
+    preemption = PreemptionFlag(launcher)
     injection = config.fault_injection or {}
     inject_steps = set(injection.get("steps", []))  # tests: poison `count` attempts at these steps
     injected: Dict[int, int] = {}
@@ -516,25 +705,33 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
                 if bar is not None:
                     bar.update(1)
                 if runtime.is_main and (progress.step == 1 or progress.step % config.sampling_steps == 0):
-                    grid = sample_grid(config, runtime, models, backend, progress.step, experiment / "samples")
-                    logger.log_image(progress.step, "samples", grid)
+                    grid = write_optional(runtime, "sample grid", lambda: sample_grid(
+                        config, runtime, models, backend, progress.step, experiment / "samples"))
+                    if grid is not None:
+                        logger.log_image(progress.step, "samples", grid)
                 if progress.step % config.checkpointing_steps == 0:
                     save_checkpoint(manager, config, runtime, models, backend, loader, progress)
                     last_saved = progress.step
                 if preemption.raised(runtime):
                     if last_saved != progress.step:
                         save_checkpoint(manager, config, runtime, models, backend, loader, progress)
-                    log(runtime, f"preempted by signal {preemption.signal or '(another rank)'}: checkpoint at "
-                                 f"step {progress.step} written; rerun with --resume auto")
+                    reason = preemption.reason or "another rank"
+                    if runtime.is_main:
+                        write_preempted_marker(experiment, progress.step, reason)
+                    log(runtime, f"preempted by {reason}: checkpoint at step {progress.step} written, "
+                                 f"{experiment / PREEMPTED_MARKER} marks it; rerun with --resume auto")
                     return EXIT_PREEMPTED
                 if progress.step >= config.max_train_steps:
                     break
         if last_saved != progress.step:
             save_checkpoint(manager, config, runtime, models, backend, loader, progress)
         if runtime.is_main:
-            grid = sample_grid(config, runtime, models, backend, progress.step, experiment / "samples")
-            logger.log_image(progress.step, "samples", grid)
-            plot_loss_curves(read_metrics(logger.path), LOGGED_CURVES, experiment / "loss_curve.png")
+            grid = write_optional(runtime, "sample grid", lambda: sample_grid(
+                config, runtime, models, backend, progress.step, experiment / "samples"))
+            if grid is not None:
+                logger.log_image(progress.step, "samples", grid)
+            write_optional(runtime, "loss curve", lambda: plot_loss_curves(
+                read_metrics(logger.path), LOGGED_CURVES, experiment / "loss_curve.png"))
             stats = getattr(loader, "stats", {})
             log(runtime, f"done: {progress.step} steps, {progress.skipped_steps} skipped, "
                          f"{stats.get('bad_images', 0)} bad images skipped; outputs in {experiment}")
@@ -553,13 +750,15 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else (
+        "deepspeed" if launcher_local_rank is not None else None)
     try:
         with watch_peers(config.dist_timeout):  # a lost node: one message naming it, exit 76
-            return train(config, runtime)
+            return train(config, runtime, launcher)
     except TrainingAborted as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAULTS
-    except (ConfigError, NoGoodCheckpoint, CheckpointWriteError, FileNotFoundError) as error:
+    except (ConfigError, NoGoodCheckpoint, CheckpointWriteError, RunFolderError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except ValueError as error:

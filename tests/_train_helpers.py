@@ -43,7 +43,9 @@ def checkpoint_dir(output_dir, step):
 
 
 def load_official(output_dir, step):
-    return torch.load(checkpoint_dir(output_dir, step) / "official.pt", map_location="cpu", weights_only=False)
+    from repa_e_fast.models.checkpoints import safe_torch_load
+
+    return safe_torch_load(checkpoint_dir(output_dir, step) / "official.pt")
 
 
 def assert_same_weights(a, b, keys=("model", "ema", "vae", "discriminator")):

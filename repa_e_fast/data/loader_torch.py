@@ -8,6 +8,7 @@ without asking the main process. Workers are persistent across epochs.
 
 from __future__ import annotations
 
+import signal
 import weakref
 
 import torch
@@ -17,6 +18,15 @@ from .decode import decode_batch
 from .loader import ImageLoaderBase
 
 __all__ = ["TorchImageLoader"]
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT/SIGUSR1 to the main process. Slurm, ``timeout``, systemd
+    and Ctrl-C signal the whole process group; a worker that died of it would make the main
+    process raise instead of writing its preemption checkpoint. The workers still exit: the
+    main process shuts them down, and they notice when it is gone."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _BatchDataset(torch.utils.data.Dataset):
@@ -70,6 +80,7 @@ class TorchImageLoader(ImageLoaderBase):
             pin_memory=self._pin,
             persistent_workers=self.num_workers > 0,
             prefetch_factor=2 if self.num_workers > 0 else None,
+            worker_init_fn=_ignore_stop_signals,
             # Its own generator: creating an iterator draws a worker seed, which must not
             # consume the global torch RNG that the training step draws t and noise from
             # (exact resume depends on it).

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..models.checkpoints import safe_torch_load
 from .backends import PRECISIONS, SharedLossScaler, autocast_for
 
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
@@ -53,6 +54,17 @@ _STAGE3_REASON = (
     "calls (deepspeed.zero.GatheredParameters), which gives back most of stage 3's saving for the "
     "SiT. Use stage 2: it shards gradients and optimizer states (12 of the 16 bytes per "
     "parameter of fp32 AdamW training).")
+
+
+def _safe_deepspeed_load(path, map_location=None):
+    """What DeepSpeed's checkpoint engine reads, loaded without running code. Besides tensors,
+    its ZeRO optimizer files pickle three plain DeepSpeed types (checked with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on stage 1/2 checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return safe_torch_load(path, map_location, extra_globals=(ZeroStageEnum, LossScaler, fragment_address))
 
 
 def load_deepspeed_config(path_or_dict: Union[str, pathlib.Path, dict], *, precision: str, micro_batch_size: int,
@@ -379,11 +391,14 @@ class DeepSpeedBackend:
     def load_checkpoint(self, directory: pathlib.Path) -> None:
         """Collective; the inverse of ``save_checkpoint`` (same ZeRO stage and world size)."""
         directory = pathlib.Path(directory)
-        state = torch.load(directory / "backend.pt", map_location="cpu", weights_only=True)
+        state = safe_torch_load(directory / "backend.pt")
         if (state["zero_stage"], state["world_size"]) != (self.zero_stage, self.world_size):
             raise ValueError(f"checkpoint was written with ZeRO stage {state['zero_stage']} on {state['world_size']} "
                              f"ranks; this backend runs stage {self.zero_stage} on {self.world_size}")
         for name, engine in self.models.items():
+            # DeepSpeed's own reader unpickles with weights_only=False: route every file it
+            # reads through the allow-listed loader, so no checkpoint file can run code.
+            engine.checkpoint_engine.load = _safe_deepspeed_load
             path, _ = engine.load_checkpoint(str(directory), tag=name, load_module_strict=True,
                                              load_optimizer_states=True, load_lr_scheduler_states=False)
             if path is None:

@@ -17,7 +17,11 @@ file, the manifest and the directory are fsynced, then ``latest`` is replaced (w
 rename). A crash or kill at any moment leaves the previous checkpoint and pointer intact.
 Loading verifies the manifest; a damaged checkpoint is reported and the previous good one
 is used. Retention keeps the newest ``keep_last`` complete checkpoints and never deletes the
-one just written.
+one just written, nor one that fails verification: that one is moved aside to
+``<step>.damaged`` (its weights may still be recoverable by hand).
+
+The run folder itself is guarded by ``RunLock`` (one trainer per folder) and
+``check_writable`` (a read-only or full disk is found before any work).
 """
 
 import json
@@ -25,6 +29,8 @@ import os
 import random
 import re
 import shutil
+import socket
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -44,6 +50,10 @@ class CheckpointWriteError(RuntimeError):
 
 class NoGoodCheckpoint(RuntimeError):
     pass
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used: locked by another trainer, read-only, full."""
 
 
 def _crc32(path: Path, chunk: int = 1 << 22) -> int:
@@ -155,6 +165,9 @@ class CheckpointManager:
         if failure is None and _is_main():
             try:
                 write_manifest(tmp, step)
+                problem = verify_checkpoint(final) if final.exists() else None
+                if problem:
+                    self._set_aside(final, problem)  # a damaged checkpoint of this step: kept, never deleted
                 if final.exists():  # the same step saved again (e.g. after a resume)
                     stale = self.root / f".old-{step:07d}"
                     shutil.rmtree(stale, ignore_errors=True)
@@ -193,10 +206,26 @@ class CheckpointManager:
             if excess <= 0:
                 break
             if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
+                problem = verify_checkpoint(old)
+                if problem is None:
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    self._set_aside(old, problem)
                 excess -= 1
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+    def _set_aside(self, checkpoint: Path, problem: str) -> None:
+        """Rename a checkpoint that fails verification to ``<step>.damaged``: out of the way of
+        resume and retention, but not deleted (only its manifest or one file may be bad)."""
+        target = checkpoint.with_name(checkpoint.name + ".damaged")
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = checkpoint.with_name(f"{checkpoint.name}.damaged{suffix}")
+        os.rename(checkpoint, target)
+        warnings.warn(f"checkpoint {checkpoint} fails verification ({problem}); kept as {target}, not deleted",
+                      stacklevel=3)
 
     def latest_good(self) -> Optional[Path]:
         """The newest checkpoint that verifies, trying ``latest`` first, then older ones;
@@ -214,6 +243,138 @@ class CheckpointManager:
                 return candidate
             warnings.warn(f"checkpoint {candidate} is damaged ({problem}); trying the previous one", stacklevel=2)
         return None
+
+
+def unverified_checkpoints_report(manager: "CheckpointManager") -> str:
+    """Every complete checkpoint with what fails in it: ``0000004 (official.pt fails ...)``."""
+    return "; ".join(f"{p.name} ({verify_checkpoint(p) or 'verifies'})" for p in manager.complete_checkpoints())
+
+
+def check_writable(directory: Path, probe_bytes: int = 1 << 20) -> None:
+    """Create ``directory`` and write, fsync and delete a ``probe_bytes`` file in it: a
+    read-only or full file system is a ``RunFolderError`` at start, not after a whole
+    checkpoint interval of training."""
+    directory = Path(directory)
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(bytes(probe_bytes))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise RunFolderError(f"cannot write in {directory}: {error.strerror or error} "
+                             f"(checkpoints need a writable folder with free space)") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def proc_stat_field(pid: int, name: str) -> Optional[str]:
+    """``ppid`` or ``starttime`` (clock ticks since boot) of ``pid`` from Linux's
+    /proc/<pid>/stat; None elsewhere or when there is no such process. Pid and start time
+    together name one process, even after the pid is reused."""
+    index = {"ppid": 1, "starttime": 19}[name]  # fields after the ")" that ends the command name
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[index]
+    except (OSError, IndexError):
+        return None
+
+
+class RunLock:
+    """One trainer per run folder. ``<run>/LOCK`` holds the host, pid and start time of the
+    trainer that owns the folder; it is created atomically (a complete temporary file
+    hard-linked to the name, which fails when the name exists) and removed at exit. A lock
+    left by a process that is gone (same host, pid not running, or running but started at
+    another time) is taken over with a notice; a live one, or one from another host, stops
+    the new trainer."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / "LOCK"
+        self.held = False
+
+    def _mine(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "process_start": proc_stat_field(os.getpid(), "starttime")}
+
+    def _read(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _running(holder: dict) -> bool:
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # exists, owned by another user
+        recorded, now = holder.get("process_start"), proc_stat_field(int(holder["pid"]), "starttime")
+        return recorded is None or now is None or recorded == now
+
+    def _create(self, tmp: Path, mine: dict) -> bool:
+        """Create the lock file atomically; False when it exists."""
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: exclusive create, then write
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(mine) + "\n")
+            return True
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; returns a notice when a stale lock was taken over. Raises
+        ``RunFolderError`` when another trainer holds it."""
+        mine = self._mine()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"LOCK.{mine['host']}.{mine['pid']}")
+        tmp.write_text(json.dumps(mine) + "\n")
+        notice = None
+        try:
+            for _ in range(3):
+                if self._create(tmp, mine):
+                    self.held = True
+                    return notice
+                holder = self._read()
+                if holder is None:
+                    time.sleep(0.2)  # being replaced right now; look again
+                    continue
+                who = f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
+                if holder.get("host") != mine["host"]:
+                    raise RunFolderError(f"{self.path.parent} is locked by a trainer on another machine ({who}); "
+                                         f"two trainers in one folder overwrite each other's checkpoints. If that "
+                                         f"run is gone, delete {self.path}")
+                if self._running(holder):
+                    raise RunFolderError(f"{self.path.parent} is in use by another trainer ({who}); two trainers "
+                                         f"in one folder overwrite each other's checkpoints: stop it, or use "
+                                         f"another --exp-name or --output-dir")
+                notice = f"took over the stale lock {self.path} ({who}: no longer running)"
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+            raise RunFolderError(f"could not take the lock {self.path}; delete it if no trainer uses the folder")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.held:
+            holder = self._read()
+            if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 def _any_rank_failed(failure: Optional[BaseException]) -> Optional[BaseException]:

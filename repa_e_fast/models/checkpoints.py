@@ -7,6 +7,8 @@ stripped.
 """
 
 import os
+import pickle
+import re
 from typing import Dict, Optional
 
 import torch
@@ -33,13 +35,51 @@ def strip_wrapper_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, tor
     return cleaned
 
 
-def _torch_load(path: str, map_location):
-    """weights_only load that also accepts official training checkpoints, which pickle an
-    argparse.Namespace under "args" (spec Q19)."""
+def _allowed_globals() -> list:
+    """The non-tensor types our and the official checkpoints pickle: ``argparse.Namespace``
+    (the official ``args`` entry, spec Q19) and the pieces of a numpy array (the numpy RNG
+    state in ``rng/rank*.pt``). Files written by numpy 1 name ``numpy.core`` where numpy 2
+    names ``numpy._core``; both spellings map to the same function."""
     import argparse
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    allowed = [argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+               (_reconstruct, "numpy.core.multiarray._reconstruct"),
+               (_reconstruct, "numpy._core.multiarray._reconstruct")]
+    return allowed
+
+
+def safe_torch_load(path, map_location="cpu", *, mmap: bool = False, extra_globals=()):
+    """``torch.load`` that can never run code from the file: ``weights_only=True`` with an
+    explicit allow-list (``_allowed_globals`` plus ``extra_globals``). A file that pickles
+    anything else (a crafted ``__reduce__`` calling ``os.system``, say) is refused with a
+    one-line ``CheckpointError`` naming the file and the refused global."""
+    try:
+        with torch.serialization.safe_globals([*_allowed_globals(), *extra_globals]):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        # torch's message is many lines of advice; the refused global is what matters.
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL [^\s,]+", str(error))
+        if found:
+            raise CheckpointError(f"refusing to load {path}: it is not a plain weights file ({found.group(0)}); "
+                                  f"nothing in it was run") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        details = [line for line in lines if not line.startswith("Check the documentation")]
+        reason = details[-1] if details else type(error).__name__
+        raise CheckpointError(f"could not read checkpoint {path}: {reason} (damaged, or not a torch file); "
+                              f"nothing in it was run") from None
+    except (RuntimeError, EOFError) as error:  # not a torch zip file, truncated
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {first}") from None
+
+
+# The name models/encoder_checkpoints.py (on main) imports: the same allow-listed load.
+_torch_load = safe_torch_load
 
 
 def load_state_dict_file(path: str, key: Optional[str] = None, map_location="cpu") -> Dict[str, torch.Tensor]:
@@ -56,7 +96,9 @@ def load_state_dict_file(path: str, key: Optional[str] = None, map_location="cpu
         state = load_file(path, device=str(map_location))
     else:
         try:
-            state = _torch_load(path, map_location)
+            state = safe_torch_load(path, map_location)
+        except CheckpointError:
+            raise
         except Exception as error:  # noqa: BLE001 - re-raised with the file named
             raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
     if not isinstance(state, dict):
@@ -120,7 +162,7 @@ def load_latents_stats(path: str) -> Dict[str, torch.Tensor]:
         raise FileNotFoundError(
             f"latent statistics not found: {path} (published next to each VAE as '<vae name>-latents-stats.pt')"
         )
-    stats = torch.load(path, map_location="cpu", weights_only=True)
+    stats = safe_torch_load(path)
     for key in ("latents_scale", "latents_bias"):
         if key not in stats:
             raise CheckpointError(f"{path} has no {key!r} entry; it has {sorted(stats)}")
