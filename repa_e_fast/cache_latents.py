@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         print(f"error: VAE checkpoint not found: {args.vae_ckpt}", file=sys.stderr)
         return 2
     if args.vae_ckpt:
-        from .generate import verify_enclosing_checkpoint
+        from .engine.checkpoint import verify_enclosing_checkpoint
         from .models.checkpoints import CheckpointError
 
         try:

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from .engine.checkpoint import verify_enclosing_checkpoint
 from .models.checkpoints import (
     CheckpointError,
     load_latents_stats,
@@ -81,18 +82,6 @@ REQUIRED_RUN_ARGUMENTS = ("model", "vae", "enc_type")
 # ----------------------------------------------------------------------------------------
 # Checkpoints and run arguments (shared with extract_vae)
 # ----------------------------------------------------------------------------------------
-def verify_enclosing_checkpoint(path: str) -> None:
-    """A file inside one of our checkpoint directories (beside its MANIFEST.json) is used only
-    when that checkpoint verifies (sizes and CRC-32s); ``CheckpointError`` names what failed."""
-    from .engine.checkpoint import MANIFEST, verify_checkpoint
-
-    directory = Path(path).parent
-    if (directory / MANIFEST).is_file():
-        problem = verify_checkpoint(directory)
-        if problem is not None:
-            raise CheckpointError(f"checkpoint {directory} fails its manifest check: {problem}")
-
-
 def read_checkpoint(path: str) -> Dict:
     """An official training checkpoint (dict with ``ema``, ``vae``, ``args`` ...), memory-mapped
     so optimiser states that are never touched are never read."""

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..models.checkpoints import CheckpointError
+
 MANIFEST = "MANIFEST.json"
 CHECKPOINT_NAME = re.compile(r"^\d{7}$")
 
@@ -116,6 +118,16 @@ def verify_checkpoint(directory: Path) -> Optional[str]:
         if _crc32(path) != expected["crc32"]:
             return f"{name} fails its CRC-32 check (corrupted)"
     return None
+
+
+def verify_enclosing_checkpoint(path) -> None:
+    """A file inside one of our checkpoint directories (beside its MANIFEST.json) is used only
+    when that checkpoint verifies (sizes and CRC-32s); ``CheckpointError`` names what failed."""
+    directory = Path(path).parent
+    if (directory / MANIFEST).is_file():
+        problem = verify_checkpoint(directory)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {directory} fails its manifest check: {problem}")
 
 
 def _is_main() -> bool:
