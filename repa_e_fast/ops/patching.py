@@ -95,6 +95,10 @@ def _plain_layer_norm(module, dim=None):
             and len(module.normalized_shape) == 1 and (dim is None or module.normalized_shape[0] == dim))
 
 
+def _child(name, child):
+    return f"{name}.{child}" if name else child
+
+
 def _replace(parent, name, new):
     old = parent._modules[name]
     object.__setattr__(new, _ORIGINAL, old)
@@ -187,7 +191,7 @@ def _patch_resnet_block(name, block, report):
     _fuse_norm(block, "norm1", report, silu=True)
     _fuse_norm(block, "norm2", report, silu=block.time_embedding_norm != "scale_shift")
     if block.time_embedding_norm == "scale_shift":
-        report.left_alone.append((f"{name}.norm2", "scale_shift modulation sits between GroupNorm and SiLU: "
+        report.left_alone.append((_child(name, "norm2"), "scale_shift modulation sits between GroupNorm and SiLU: "
                                                    "SiLU not fused"))
     _swap_class(block, _ResnetBlock2DWithTimeEmbedding)
     report.patched[DIFFUSERS_RESNET_TEMB] += 1
@@ -253,7 +257,7 @@ def _patch_adaln_zero_block(name, block, report):
         report.left_alone.append((name, "GLIGEN (gated attention) block: left alone"))
         return
     if not _plain_layer_norm(block.norm3):
-        report.left_alone.append((f"{name}.norm3", "MLP LayerNorm has an affine: its modulate is left to PyTorch"))
+        report.left_alone.append((_child(name, "norm3"), "MLP LayerNorm has an affine: its modulate is left to PyTorch"))
     _swap_class(block, _AdaLNZeroTransformerBlock)
     report.patched[DIFFUSERS_ADALN_ZERO] += 1
 
