@@ -264,7 +264,7 @@ def test_import_without_triton():
 
 
 RANK_CASES = [
-    ((3, 8), "contiguous"),                    # [N, C]
+    ((3, 32), "contiguous"),                   # [N, C] (8 channels per group)
     ((2, 8, 7), "contiguous"),                 # [B, C, L], as diffusers' attention uses
     ((2, 8, 7), "channels_minor"),             # the [B, C, H*W] of a channels_last image
     ((2, 8, 3, 4, 5), "contiguous"),           # video VAEs
@@ -288,7 +288,8 @@ def make_layout(x, layout):
 def test_group_norm_any_rank(kernel_env, shape, layout):
     gen = torch.Generator().manual_seed(11)
     x = make_layout(torch.randn(*shape, generator=gen, dtype=torch.float64) * 2 + 0.5, layout)
-    w, b = torch.randn(8, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen, dtype=torch.float64)
+    C = shape[1]
+    w, b = torch.randn(C, generator=gen, dtype=torch.float64), torch.randn(C, generator=gen, dtype=torch.float64)
     dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
     xk = x.float().to(DEVICE).requires_grad_(True)
     if layout != "strided":
