@@ -267,10 +267,20 @@ class PreNormBlock(PatternBlock):
         return x + self.attn(self.norm1(x)) + self.mlp(self.norm2(x)) + self.adaLN_modulation(c)[:, None, :x.shape[-1]]
 
 
+class OtherOrderBlock(PatternBlock):
+    """DiT's statements with the modulation chunks in another order: must be left alone."""
+
+    def forward(self, x, c):
+        scale_msa, shift_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
 class PatternModel(nn.Module):
     def __init__(self, dim=16):
         super().__init__()
-        self.blocks = nn.ModuleList([PatternBlock(dim), PatternBlock(dim), PreNormBlock(dim)])
+        self.blocks = nn.ModuleList([PatternBlock(dim), PatternBlock(dim), PreNormBlock(dim), OtherOrderBlock(dim)])
         self.final_layer = PatternFinalLayer(dim, 8)
 
     def forward(self, x, c):
@@ -286,8 +296,9 @@ def test_dit_pattern_blocks(monkeypatch, path, dtype):
     torch.manual_seed(0)
     model, reference, report = patched_pair(randomize(PatternModel()).to(dtype))
     assert report.patched == {patching.DIT_BLOCK: 2, patching.DIT_FINAL: 1}
-    assert [name for name, _ in report.left_alone] == ["blocks.2"]
-    assert type(model.blocks[2]) is PreNormBlock and type(model.blocks[0]).__name__ == "FusedPatternBlock"
+    assert [name for name, _ in report.left_alone] == ["blocks.2", "blocks.3"]
+    assert type(model.blocks[2]) is PreNormBlock and type(model.blocks[3]) is OtherOrderBlock
+    assert type(model.blocks[0]).__name__ == "FusedPatternBlock"
 
     def make_inputs():
         generator = torch.Generator().manual_seed(6)
@@ -306,3 +317,18 @@ def test_patch_report_and_errors():
     assert "GroupNorm+SiLU" in str(report)
     with pytest.raises(TypeError, match="nn.Module"):
         ops.patch(lambda x: x)
+
+
+def test_this_projects_models_use_their_own_switch():
+    from repa_e_fast.models.sit import SiT
+    from repa_e_fast.models.vae import AutoencoderKL
+
+    sit = SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5,
+              z_dims=[16], projector_dim=32, encoder_depth=1)
+    vae = AutoencoderKL(embed_dim=4, ch_mult=(1, 2), ch=32, num_res_blocks=1, resolution=16)
+    for model in (sit, vae):
+        switches = [m for m in model.modules() if hasattr(m, "fused_ops")]
+        report = ops.patch(model)
+        assert report.patched == {patching.OWN_SWITCH: len(switches)} and all(m.fused_ops for m in switches)
+        assert not any(isinstance(m, ops.FusedGroupNorm) for m in model.modules())  # they call the op themselves
+        assert ops.unpatch(model) == len(switches) and not any(m.fused_ops for m in switches)

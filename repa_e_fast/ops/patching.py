@@ -15,8 +15,10 @@ What is recognised (by class and structure; nothing is imported from the librari
   the attention residual + MLP modulate in one pass.
 * DiT / SiT-pattern blocks (``x + gate.unsqueeze(1) * attn(modulate(norm1(x), shift,
   scale))`` then the same for the MLP, modulation from ``adaLN_modulation(c).chunk(6)``)
-  and their final layer (``linear(modulate(norm_final(x), shift, scale))``).
-* this project's own SiT blocks (their ``fused_ops`` switch).
+  and their final layer (``linear(modulate(norm_final(x), shift, scale))``): the modules
+  must match, the forward must be exactly those statements (compared as parsed source)
+  and the module's ``modulate`` must compute DiT's.
+* this project's own SiT and VAE modules (their ``fused_ops`` switch).
 
 Parameters are never copied or re-created: patched modules hold the same Parameter
 objects, so state dicts and existing optimizers stay valid. A block whose forward must
@@ -26,10 +28,11 @@ inputs it does not cover. ``unpatch`` restores the original modules and classes 
 before pickling a whole module with ``torch.save(model)``; state dicts need nothing).
 """
 
+import ast
 import collections
 import dataclasses
 import inspect
-import re
+import textwrap
 
 import torch
 import torch.nn as nn
@@ -48,7 +51,7 @@ DIFFUSERS_RESNET_TEMB = "diffusers ResnetBlock2D with time embedding (forward)"
 DIFFUSERS_ADALN_ZERO = "diffusers BasicTransformerBlock ada_norm_zero (forward)"
 DIT_BLOCK = "DiT-pattern block (forward)"
 DIT_FINAL = "DiT-pattern final layer (forward)"
-OWN_SIT = "repa_e_fast fused_ops switch"
+OWN_SWITCH = "repa_e_fast fused_ops switch"
 
 
 @dataclasses.dataclass
@@ -265,11 +268,17 @@ def _patch_adaln_zero_block(name, block, report):
 # --------------------------------------------------------------------------- DiT / SiT pattern
 
 
-def _source(cls):
+def _forward_statements(cls):
+    """The statements of ``cls.forward`` as normalised source (docstring and comments
+    dropped), or None when its source is not available."""
     try:
-        return re.sub(r"\s+", "", inspect.getsource(cls.forward))
-    except (OSError, TypeError):
-        return ""
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    body = tree.body[0].body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return [ast.unparse(statement) for statement in body]
 
 
 def _standard_modulate(cls):
@@ -303,9 +312,21 @@ def _looks_like_dit_final_layer(module):
             and _plain_layer_norm(getattr(module, "norm_final", None)))
 
 
-_DIT_BLOCK_SOURCE = ("x=x+gate_msa.unsqueeze(1)*self.attn(modulate(self.norm1(x),shift_msa,scale_msa))",
-                     "x=x+gate_mlp.unsqueeze(1)*self.mlp(modulate(self.norm2(x),shift_mlp,scale_mlp))")
-_DIT_FINAL_SOURCE = ("self.linear(", "modulate(self.norm_final(x),shift,scale)")
+# The forwards recognised, statement for statement (chunk along dim 1 or -1 of a 2-D c).
+def _chunk(names, n):
+    return [f"{names} = self.adaLN_modulation(c).chunk({n}, dim={d})" for d in ("1", "-1")]
+
+
+_DIT_BLOCK_FORWARDS = [[unpack,
+                        "x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))",
+                        "x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))",
+                        "return x"]
+                       for unpack in _chunk("shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp", 6)]
+_DIT_FINAL_FORWARDS = [[unpack] + tail
+                       for unpack in _chunk("shift, scale", 2)
+                       for tail in (["return self.linear(modulate(self.norm_final(x), shift, scale))"],
+                                    ["x = modulate(self.norm_final(x), shift, scale)", "x = self.linear(x)",
+                                     "return x"])]
 
 
 class _DiTBlock:
@@ -326,18 +347,23 @@ class _DiTFinalLayer:
         return self.linear(adaln_modulate(x, shift, scale, eps=self.norm_final.eps))
 
 
-def _patch_dit(name, module, report, kind, mixin, source_lines):
-    source = _source(type(module))
-    if list(inspect.signature(type(module).forward).parameters) != ["self", "x", "c"] or not all(
-            line in source for line in source_lines) or not _standard_modulate(type(module)):
-        report.left_alone.append((name, f"{type(module).__name__} has DiT-like modules but its forward is not "
-                                        "the DiT pattern: left alone"))
+def _patch_dit(name, module, report, kind, mixin, forwards):
+    cls = type(module)
+    if _forward_statements(cls) not in forwards or not _standard_modulate(cls):
+        report.left_alone.append((name, f"{cls.__name__} has DiT-like modules but its forward is not the DiT "
+                                        "pattern: left alone"))
         return
     _swap_class(module, mixin)
     report.patched[kind] += 1
 
 
 # --------------------------------------------------------------------------- entry points
+
+
+def _own_switch(module):
+    """This project's modules (SiT, VAE) have a ``fused_ops`` switch of their own."""
+    return hasattr(module, "fused_ops") and type(module).__module__.startswith("repa_e_fast.")
+
 
 
 def patch(model, group_norms=True, blocks=True):
@@ -375,15 +401,15 @@ def patch(model, group_norms=True, blocks=True):
             report.left_alone.append((name, "AdaGroupNorm calls F.group_norm functionally: left alone"))
         elif blocks and _is_diffusers(module, "BasicTransformerBlock"):
             _patch_adaln_zero_block(name, module, report)
-        elif blocks and hasattr(module, "fused_ops") and type(module).__module__.startswith("repa_e_fast."):
+        elif blocks and _own_switch(module):
             if not module.fused_ops:
                 module.fused_ops = True
                 object.__setattr__(module, _ORIGINAL, "fused_ops")
-                report.patched[OWN_SIT] += 1
+                report.patched[OWN_SWITCH] += 1
         elif blocks and _looks_like_dit_block(module):
-            _patch_dit(name, module, report, DIT_BLOCK, _DiTBlock, _DIT_BLOCK_SOURCE)
+            _patch_dit(name, module, report, DIT_BLOCK, _DiTBlock, _DIT_BLOCK_FORWARDS)
         elif blocks and _looks_like_dit_final_layer(module):
-            _patch_dit(name, module, report, DIT_FINAL, _DiTFinalLayer, _DIT_FINAL_SOURCE)
+            _patch_dit(name, module, report, DIT_FINAL, _DiTFinalLayer, _DIT_FINAL_FORWARDS)
         if group_norms and isinstance(module, nn.Sequential):
             names = list(module._modules)
             for a, b in zip(names, names[1:]):
@@ -392,6 +418,8 @@ def patch(model, group_norms=True, blocks=True):
 
     if group_norms:  # every nn.GroupNorm not fused above: swapped, no activation
         for parent in list(model.modules()):
+            if _own_switch(parent):
+                continue  # this project's modules call the fused op with their norms' parameters
             for child_name, child in list(parent._modules.items()):
                 if _plain_group_norm(child):
                     _fuse_norm(parent, child_name, report, silu=False)
