@@ -34,7 +34,8 @@ from repa_e_fast.engine.backends import DDPBackend, SingleProcessBackend, build_
 from repa_e_fast.engine.checkpoint import (CheckpointManager, CheckpointWriteError, NoGoodCheckpoint,
                                           rng_state, set_rng_state, verify_checkpoint)
 from repa_e_fast.engine.ema import update_ema
-from repa_e_fast.engine.reporting import MetricsLogger, plot_loss_curves, read_metrics, save_image_grid
+from repa_e_fast.engine.reporting import (MetricsLogger, plot_loss_curves, read_metrics, save_image_grid,
+                                          save_sample_sheet)
 from repa_e_fast.engine.step import LDMStep, REPAEStep, StepConfig
 from repa_e_fast.engine.sync_batchnorm import convert_to_global_batchnorm
 
@@ -380,7 +381,11 @@ def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: in
     images = torch.clamp(255 * (images + 1) / 2, 0, 255).to(torch.uint8)  # official truncating cast
     # Labels cycle through the classes, so with a multiple of num_classes each column is one class.
     columns = config.num_classes if count % config.num_classes == 0 and config.num_classes <= 16 else None
-    return save_image_grid(images, directory / f"samples_{step:07d}.png", columns=columns)
+    grid = save_image_grid(images, directory / f"samples_{step:07d}.png", columns=columns)
+    # The same samples upscaled and labelled by class, for a person to look at.
+    save_sample_sheet(images, directory / f"samples_{step:07d}_sheet.png", labels=labels.tolist(), columns=columns,
+                      title=f"EMA samples, step {step}")
+    return grid
 
 
 # ---------------------------------------------------------------------------------------

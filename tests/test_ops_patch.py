@@ -332,3 +332,14 @@ def test_this_projects_models_use_their_own_switch():
         assert report.patched == {patching.OWN_SWITCH: len(switches)} and all(m.fused_ops for m in switches)
         assert not any(isinstance(m, ops.FusedGroupNorm) for m in model.modules())  # they call the op themselves
         assert ops.unpatch(model) == len(switches) and not any(m.fused_ops for m in switches)
+
+
+def test_patched_blocks_compile_into_one_graph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomize(PatternModel())
+    model.blocks = nn.ModuleList(list(model.blocks)[:2])  # the recognised ones
+    assert ops.patch(model).patched == {patching.DIT_BLOCK: 2, patching.DIT_FINAL: 1}
+    x, c = torch.randn(2, 5, 16), torch.randn(2, 16)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break would raise
+    assert torch.equal(compiled(x, c), model(x, c))
