@@ -365,7 +365,6 @@ def _own_switch(module):
     return hasattr(module, "fused_ops") and type(module).__module__.startswith("repa_e_fast.")
 
 
-
 def patch(model, group_norms=True, blocks=True):
     """Make ``model`` run the fused ops, in place. Returns a :class:`PatchReport`.
 
@@ -375,7 +374,7 @@ def patch(model, group_norms=True, blocks=True):
         group_norms: swap ``nn.GroupNorm`` modules for :class:`FusedGroupNorm` (with the
             following SiLU fused where it provably applies to the norm's output only).
         blocks: fuse adaLN-Zero transformer blocks (diffusers ``ada_norm_zero``, DiT / SiT
-            pattern, this project's SiT).
+            pattern) and turn on the ``fused_ops`` switch of this project's SiT and VAE.
 
     Patching twice is harmless (patched modules are skipped). ``model`` itself must not be a
     bare ``nn.GroupNorm`` (there is no parent to put the replacement in): use
@@ -396,7 +395,7 @@ def patch(model, group_norms=True, blocks=True):
             _fuse_norm_and_silu(module, "conv_norm_out", "conv_act", report)
         elif group_norms and _is_diffusers(module, "ResnetBlockCondNorm2D"):
             report.left_alone.append((name, f"ResnetBlockCondNorm2D ({module.time_embedding_norm}): the SiLU "
-                                            "follows a conditional modulation; inner GroupNorms swapped only"))
+                                            "follows a conditional modulation; any inner nn.GroupNorm swapped only"))
         elif group_norms and _is_diffusers(module, "AdaGroupNorm"):
             report.left_alone.append((name, "AdaGroupNorm calls F.group_norm functionally: left alone"))
         elif blocks and _is_diffusers(module, "BasicTransformerBlock"):
