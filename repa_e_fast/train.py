@@ -358,9 +358,11 @@ def init_from_official(path: str, runtime, models, backend) -> Progress:
 # Sampling for the periodic grids
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: int, directory: Path) -> Path:
+def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: int, directory: Path,
+                real_images: Optional[torch.Tensor] = None) -> Path:
     """EMA samples, fixed noise and labels (a private generator: the training RNG streams are
-    untouched, so sampling never changes the run)."""
+    untouched, so sampling never changes the run). With ``real_images`` (uint8, a training
+    batch), the readable sheet also shows their VAE reconstructions."""
     from repa_e_fast.sampling import denormalize_latents, euler_sampler
 
     ema, vae = models["ema"], models["vae"]
@@ -377,6 +379,11 @@ def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: in
     stats = ema.extract_latents_stats()
     z = denormalize_latents(latents.float(), stats["latents_scale"], stats["latents_bias"])
     images = vae.decode(z).sample
+    reconstructions = None
+    if real_images is not None:
+        real = real_images[:8].to(runtime.device)
+        decoded = vae.decode(vae.encode(real.float() / 127.5 - 1).mean).sample
+        reconstructions = (real.cpu(), torch.clamp(255 * (decoded + 1) / 2, 0, 255).to(torch.uint8).cpu())
     vae.train(was_training)
     images = torch.clamp(255 * (images + 1) / 2, 0, 255).to(torch.uint8)  # official truncating cast
     # Labels cycle through the classes, so with a multiple of num_classes each column is one class.
@@ -384,7 +391,7 @@ def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: in
     grid = save_image_grid(images, directory / f"samples_{step:07d}.png", columns=columns)
     # The same samples upscaled and labelled by class, for a person to look at.
     save_sample_sheet(images, directory / f"samples_{step:07d}_sheet.png", labels=labels.tolist(), columns=columns,
-                      title=f"EMA samples, step {step}")
+                      title=f"EMA samples, step {step}", reconstructions=reconstructions)
     return grid
 
 
@@ -519,7 +526,8 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
                 if bar is not None:
                     bar.update(1)
                 if runtime.is_main and (progress.step == 1 or progress.step % config.sampling_steps == 0):
-                    grid = sample_grid(config, runtime, models, backend, progress.step, experiment / "samples")
+                    grid = sample_grid(config, runtime, models, backend, progress.step, experiment / "samples",
+                                       real_images=images)
                     logger.log_image(progress.step, "samples", grid)
                 if progress.step % config.checkpointing_steps == 0:
                     save_checkpoint(manager, config, runtime, models, backend, loader, progress)

@@ -279,8 +279,11 @@ def save_sample_sheet(images: torch.Tensor, path: Path, labels: Optional[Sequenc
         pairs = real.shape[0]
         pair_rows = math.ceil(pairs / columns)
         sections_height += 26 + pair_rows * (2 * ch + pad + 4)
-    width = pad + columns * (cw + pad)
-    sheet = Image.new("RGB", (max(width, 200), sections_height + pad), "white")
+    recon_heading = "VAE reconstructions (top: real, bottom: reconstructed)"
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    texts = [title] + ([recon_heading] if pairs else [])
+    width = max([pad + columns * (cw + pad)] + [int(measure.textlength(t, font=font)) + 2 * pad for t in texts])
+    sheet = Image.new("RGB", (width, sections_height + pad), "white")
     draw = ImageDraw.Draw(sheet)
     y = pad
     if title:
@@ -294,7 +297,7 @@ def save_sample_sheet(images: torch.Tensor, path: Path, labels: Optional[Sequenc
             draw.text((x + cw / 2, ty + ch + 2), name(labels[index]), fill="black", font=small, anchor="mt")
     y += rows * (ch + caption + pad)
     if pairs:
-        draw.text((pad, y), "VAE reconstructions: real (top) / reconstructed (bottom)", fill="black", font=font)
+        draw.text((pad, y), recon_heading, fill="black", font=font)
         y += 26
         for index, (a, b) in enumerate(zip(tiles(real), tiles(recon))):
             r, c = divmod(index, columns)
