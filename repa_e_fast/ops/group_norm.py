@@ -31,12 +31,12 @@ def _as_4d(x):
     channels_last image) becomes channels_last, so neither is copied. Other strides are
     copied to channels-first.
     """
+    if x.dim() == 4:
+        return x, lambda y: y
     N, C, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
     S = 1
     for size in spatial:
         S *= size
-    if x.dim() == 4:
-        return x, lambda y: y
     channels_minor = x.movedim(1, -1)
     if not x.is_contiguous() and channels_minor.is_contiguous():
         x4 = channels_minor.reshape(N, S, 1, C).permute(0, 3, 1, 2)
