@@ -4,6 +4,10 @@ The top-level ``kernels/`` directory is installed as ``repa_e_fast.kernels`` (ra
 kernels, no autograd). C++ sources in ``csrc/`` become the optional native extension
 ``repa_e_fast._C``; set ``REPA_E_FAST_NO_NATIVE=1`` to skip compiling it (a pure-Python
 fallback is then used wherever the extension would be).
+
+``REPA_E_FAST_OPS_ONLY=1`` installs the package for its fused ops alone
+(``repa_e_fast.ops``, ``repa_e_fast.weights``): dependencies torch and triton only, no C++
+compile. The training engine's modules are present but need the full install.
 """
 
 import glob
@@ -12,9 +16,18 @@ import os
 from setuptools import find_packages, setup
 
 
+OPS_ONLY = os.environ.get("REPA_E_FAST_OPS_ONLY", "0") == "1"
+# What repa_e_fast.ops needs; the engine adds ENGINE_REQUIREMENTS.
+OPS_REQUIREMENTS = [
+    "torch>=2.3",
+    "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+]
+ENGINE_REQUIREMENTS = ["numpy", "pillow", "pyyaml", "tqdm", "safetensors", "scipy"]
+
+
 def native_extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    if not sources or os.environ.get("REPA_E_FAST_NO_NATIVE", "0") == "1":
+    if not sources or OPS_ONLY or os.environ.get("REPA_E_FAST_NO_NATIVE", "0") == "1":
         return [], {}
     from pybind11.setup_helpers import Pybind11Extension, build_ext
 
@@ -42,16 +55,7 @@ setup(
     package_dir={"repa_e_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=[
-        "torch>=2.3",
-        "numpy",
-        "pillow",
-        "pyyaml",
-        "tqdm",
-        "safetensors",
-        "scipy",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
-    ],
+    install_requires=OPS_REQUIREMENTS + ([] if OPS_ONLY else ENGINE_REQUIREMENTS),
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "dali-cuda130": ["nvidia-dali-cuda130"],
@@ -61,8 +65,9 @@ setup(
         "h5": ["h5py"],
         "logging": ["tensorboard", "wandb"],
         # CI installs everything the tests exercise on a CPU: DeepSpeed (CPU accelerator),
-        # DALI (CPU-only pipelines), h5py (the official images.h5 layout).
-        "test": ["pytest", "pytest-timeout", "deepspeed", "nvidia-dali-cuda120", "h5py"],
+        # DALI (CPU-only pipelines), h5py (the official images.h5 layout), diffusers (the
+        # ops.patch tests on its real modules; it does not pull torchvision).
+        "test": ["pytest", "pytest-timeout", "deepspeed", "nvidia-dali-cuda120", "h5py", "diffusers==0.42.1"],
     },
     entry_points={"console_scripts": [
         "repa-e-parity=repa_e_fast.parity:main",

@@ -41,7 +41,8 @@ from repa_e_fast.engine.checkpoint import (CheckpointManager, CheckpointWriteErr
                                           unverified_checkpoints_report, verify_checkpoint)
 from repa_e_fast.engine.ema import update_ema
 from repa_e_fast.engine.peers import watch_peers
-from repa_e_fast.engine.reporting import MetricsLogger, plot_loss_curves, read_metrics, save_image_grid
+from repa_e_fast.engine.reporting import (MetricsLogger, plot_loss_curves, read_metrics, save_image_grid,
+                                          save_sample_sheet)
 from repa_e_fast.engine.step import LDMStep, REPAEStep, StepConfig
 from repa_e_fast.engine.sync_batchnorm import convert_to_global_batchnorm
 from repa_e_fast.models.checkpoints import safe_torch_load
@@ -431,9 +432,11 @@ def init_from_official(path: str, runtime, models, backend) -> Progress:
 # Sampling for the periodic grids
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: int, directory: Path) -> Path:
+def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: int, directory: Path,
+                real_images: Optional[torch.Tensor] = None) -> Path:
     """EMA samples, fixed noise and labels (a private generator: the training RNG streams are
-    untouched, so sampling never changes the run)."""
+    untouched, so sampling never changes the run). With ``real_images`` (uint8, a training
+    batch), the readable sheet also shows their VAE reconstructions."""
     from repa_e_fast.sampling import denormalize_latents, euler_sampler
 
     ema, vae = models["ema"], models["vae"]
@@ -450,11 +453,20 @@ def sample_grid(config: TrainConfig, runtime: Runtime, models, backend, step: in
     stats = ema.extract_latents_stats()
     z = denormalize_latents(latents.float(), stats["latents_scale"], stats["latents_bias"])
     images = vae.decode(z).sample
+    reconstructions = None
+    if real_images is not None:
+        real = real_images[:8].to(runtime.device)
+        decoded = vae.decode(vae.encode(real.float() / 127.5 - 1).mean).sample
+        reconstructions = (real.cpu(), torch.clamp(255 * (decoded + 1) / 2, 0, 255).to(torch.uint8).cpu())
     vae.train(was_training)
     images = torch.clamp(255 * (images + 1) / 2, 0, 255).to(torch.uint8)  # official truncating cast
     # Labels cycle through the classes, so with a multiple of num_classes each column is one class.
     columns = config.num_classes if count % config.num_classes == 0 and config.num_classes <= 16 else None
-    return save_image_grid(images, directory / f"samples_{step:07d}.png", columns=columns)
+    grid = save_image_grid(images, directory / f"samples_{step:07d}.png", columns=columns)
+    # The same samples upscaled and labelled by class, for a person to look at.
+    save_sample_sheet(images, directory / f"samples_{step:07d}_sheet.png", labels=labels.tolist(), columns=columns,
+                      title=f"EMA samples, step {step}", reconstructions=reconstructions)
+    return grid
 
 
 def write_optional(runtime: Runtime, what: str, write) -> Optional[Path]:
@@ -706,7 +718,8 @@ def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: Che
                     bar.update(1)
                 if runtime.is_main and (progress.step == 1 or progress.step % config.sampling_steps == 0):
                     grid = write_optional(runtime, "sample grid", lambda: sample_grid(
-                        config, runtime, models, backend, progress.step, experiment / "samples"))
+                        config, runtime, models, backend, progress.step, experiment / "samples",
+                        real_images=images))
                     if grid is not None:
                         logger.log_image(progress.step, "samples", grid)
                 if progress.step % config.checkpointing_steps == 0:

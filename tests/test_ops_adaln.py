@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from repa_e_fast import ops
+from repa_e_fast.ops import _dispatch
 from _ops_helpers import DTYPES, SUBNORMAL_STEP, TOL, needs_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -203,3 +204,40 @@ def test_validation_errors():
         ops.gated_residual(x, v.to("meta"), x)
     # [B, 1, D] modulation vectors are accepted (the official SiT unsqueezes them).
     torch.testing.assert_close(ops.adaln_modulate(x, v[:, None], v[:, None]), ops.adaln_modulate(x, v, v))
+
+
+@pytest.mark.parametrize("shape", [(16,), (1, 16), (1, 1, 16)], ids=["D", "1xD", "1x1xD"])
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_modulation_vectors_shared_by_the_batch_broadcast(monkeypatch, shape, path):
+    """A [D] / [1, D] shift, scale or gate broadcasts over the batch like in PyTorch; its
+    gradient is summed over the batch."""
+    if path == "triton" and not _dispatch.triton_available():
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("REPA_E_FAST_OPS", path)
+    gen = torch.Generator().manual_seed(3)
+    B, T, D = 3, 5, 16
+    x, y = (torch.randn(B, T, D, generator=gen).requires_grad_(True) for _ in range(2))
+    gate, shift, scale = (torch.randn(*shape, generator=gen).requires_grad_(True) for _ in range(3))
+    out, y2 = ops.gated_residual_adaln_modulate(x, gate, y, shift, scale)
+    results = [out, y2, ops.adaln_modulate(x, shift, scale), ops.gated_residual(x, gate, y)]
+
+    def per_sample(v):
+        return v.reshape(1, 1, D)
+
+    def layer_norm(t):
+        return torch.nn.functional.layer_norm(t, (D,), eps=1e-6)
+
+    ref_out = x + per_sample(gate) * y
+    references = [ref_out, layer_norm(ref_out) * (1 + per_sample(scale)) + per_sample(shift),
+                  layer_norm(x) * (1 + per_sample(scale)) + per_sample(shift), x + per_sample(gate) * y]
+    weights = [torch.randn(r.shape, generator=gen) for r in references]
+    leaves = [x, y, gate, shift, scale]
+    grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(results, weights)), leaves)
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(references, weights)), leaves)
+    for result, reference in zip(results, references):
+        torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-5)
+    for grad, reference, leaf in zip(grads, ref_grads, leaves):
+        assert grad.shape == leaf.shape
+        torch.testing.assert_close(grad, reference, rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError, match=r"must have shape \(3, 16\), \(1, 16\) or \(16,\)"):
+        ops.adaln_modulate(x, torch.zeros(2, D), torch.zeros(D))

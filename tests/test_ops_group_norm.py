@@ -135,7 +135,7 @@ def test_group_norm_validation_errors():
     x = torch.randn(2, 8, 3, 3)
     with pytest.raises(ValueError, match="dividing C=8"):
         ops.group_norm(x, 3)
-    with pytest.raises(ValueError, match="4-D"):
+    with pytest.raises(ValueError, match="dividing C=3"):  # [8, 3, 3] is N=8, C=3, as for nn.GroupNorm
         ops.group_norm(x[0], 2)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
         ops.group_norm(x, 2, torch.ones(7))
@@ -257,4 +257,99 @@ def test_import_without_triton():
     env = {**os.environ, **env}
     env.pop("REPA_E_FAST_OPS", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ----------------------------------------------------------------- any rank, defaults
+
+
+RANK_CASES = [
+    ((3, 32), "contiguous"),                   # [N, C] (8 channels per group)
+    ((2, 8, 7), "contiguous"),                 # [B, C, L], as diffusers' attention uses
+    ((2, 8, 7), "channels_minor"),             # the [B, C, H*W] of a channels_last image
+    ((2, 8, 3, 4, 5), "contiguous"),           # video VAEs
+    ((2, 8, 3, 4, 5), "channels_last_3d"),
+    ((2, 8, 3, 4, 5), "strided"),              # copied
+]
+
+
+def make_layout(x, layout):
+    if layout == "channels_minor":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "channels_last_3d":
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "strided":
+        return x.repeat_interleave(2, dim=-1)[..., ::2]
+    return x
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,layout", RANK_CASES)
+def test_group_norm_any_rank(kernel_env, shape, layout):
+    gen = torch.Generator().manual_seed(11)
+    x = make_layout(torch.randn(*shape, generator=gen, dtype=torch.float64) * 2 + 0.5, layout)
+    C = shape[1]
+    w, b = torch.randn(C, generator=gen, dtype=torch.float64), torch.randn(C, generator=gen, dtype=torch.float64)
+    dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    xk = x.float().to(DEVICE).requires_grad_(True)
+    if layout != "strided":
+        assert xk.stride() == x.stride()
+    wk, bk = w.float().to(DEVICE).requires_grad_(True), b.float().to(DEVICE).requires_grad_(True)
+    y = ops.group_norm(xk, 4, wk, bk, activation="silu")
+    if layout in ("channels_minor", "channels_last_3d"):
+        assert y.stride() == xk.stride(), "a channels-minor input keeps its layout (no copy)"
+    y.backward(dy.float().to(DEVICE))
+    xr, wr, br = (t.to(DEVICE).requires_grad_(True) for t in (x, w, b))
+    yr = torch.nn.functional.silu(torch.nn.functional.group_norm(xr, 4, wr, br))  # eps: both default to 1e-5
+    yr.backward(dy.to(DEVICE))
+    close(y, yr.detach(), torch.float32, "y")
+    close(xk.grad, xr.grad, torch.float32, "dx")
+    close(wk.grad, wr.grad, torch.float32, "dweight")
+
+
+def test_group_norm_defaults_and_integer_like_groups():
+    import inspect
+
+    import numpy as np
+
+    assert inspect.signature(ops.group_norm).parameters["eps"].default == \
+        inspect.signature(torch.nn.functional.group_norm).parameters["eps"].default == 1e-5
+    assert inspect.signature(ops.group_norm_reference).parameters["eps"].default == 1e-5
+    x = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(ops.group_norm(x, np.int64(2)), torch.nn.functional.group_norm(x, 2))
+    gn = nn.GroupNorm(np.int64(4), 8)
+    fused = ops.FusedGroupNorm.from_module(gn, "silu")
+    assert fused.num_groups == 4 and fused.weight is gn.weight and fused.bias is gn.bias
+    torch.testing.assert_close(fused(x), torch.nn.functional.silu(gn(x)))
+    for bad in (True, 2.0, 3, 0):
+        with pytest.raises(ValueError, match="num_groups"):
+            ops.group_norm(x, bad)
+    with pytest.raises(TypeError, match="nn.GroupNorm"):
+        ops.FusedGroupNorm.from_module(nn.LayerNorm(8))
+    with pytest.raises(ValueError, match=r"\[N, C, \*\]"):
+        ops.group_norm(torch.randn(8), 2)
+
+
+def test_import_is_light_and_reads_triton_interpret_when_a_kernel_first_runs():
+    code = (
+        "import os, sys, torch\n"
+        "import repa_e_fast.ops as ops\n"
+        "heavy = [m for m in ('triton', 'torch._dynamo', 'repa_e_fast.kernels') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"  # set after the import: still honoured
+        "os.environ['REPA_E_FAST_OPS'] = 'triton'\n"
+        "x = torch.randn(2, 8, 5)\n"
+        "y = ops.group_norm(x, 4, activation='silu')\n"
+        "assert 'repa_e_fast.kernels.group_norm' in sys.modules\n"
+        "torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4)))\n"
+        "print('ok')\n"
+    )
+    import os
+
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("REPA_E_FAST_OPS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if not _dispatch.triton_available():
+        pytest.skip("triton not installed")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

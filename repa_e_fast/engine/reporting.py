@@ -1,5 +1,6 @@
 """What a run leaves for its user: metrics (JSONL, TensorBoard, Weights & Biases), sample
-grids and a loss curve as PNG files. Rank 0 only; every writer is optional but JSONL."""
+grids (raw, and a readable sheet: upscaled, labelled by class, reconstructions beside) and
+loss curves (one panel per loss family, smoothed over faint raw values) as PNG files. Rank 0 only; every writer is optional but JSONL."""
 
 import json
 import math
@@ -9,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 class MetricsLogger:
@@ -110,53 +111,200 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: Optional[int] = N
     return _save_png(Image.fromarray(grid), path)
 
 
-def plot_loss_curves(records: Sequence[dict], keys: Sequence[str], path: Path, size=(900, 520)) -> Path:
-    """A plain line chart of ``keys`` against ``step`` (PIL only, no plotting library)."""
+# --------------------------------------------------------------------------- readable figures
+
+LOSS_FAMILIES = {  # one panel each (losses of one scale); keys not listed get a panel of their own
+    "SiT (denoising)": ("sit_loss", "denoising_loss"),
+    "REPA alignment (negative cosine)": ("proj_loss", "vae_align_loss"),
+    "VAE": ("vae_loss",),
+    "discriminator": ("d_loss",),
+}
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
+    """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) inside [low, high]."""
+    if not high > low:
+        pad = abs(low) * 0.1 or 1.0
+        low, high = low - pad, high + pad
+    raw = (high - low) / max(count, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    ticks = []
+    value = first
+    while value <= high + 1e-9 * step:
+        ticks.append(round(value / step) * step)
+        value += step
+    return ticks
+
+
+def tick_label(value: float, step: float) -> str:
+    """``value`` with as many decimals as the tick step needs (0.05 -> 2, 2.5 -> 1, 100 -> 0)."""
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    if abs(step / 10 ** -decimals - round(step / 10 ** -decimals)) > 1e-6:  # e.g. 0.25
+        decimals += 1
+    text = f"{value:.{decimals}f}"
+    return "0" if float(text) == 0 else text
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> List[float]:
+    """Exponential moving average with the start-up bias removed (as TensorBoard draws it)."""
+    out, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** count))
+    return out
+
+
+def loss_families(keys: Sequence[str]) -> Dict[str, List[str]]:
+    families = {}
+    for key in keys:
+        family = next((name for name, members in LOSS_FAMILIES.items() if key in members), key)
+        families.setdefault(family, []).append(key)
+    return families
+
+
+def plot_loss_curves(records: Sequence[dict], keys: Sequence[str], path: Path, size=(900, 520),
+                     families: Optional[Dict[str, Sequence[str]]] = None) -> Path:
+    """Loss curves, one panel per family of losses (``LOSS_FAMILIES``): the smoothed series
+    in full colour over the raw one drawn faint, round tick values (PIL only)."""
     width, height = size
-    left, right, top, bottom = 70, 20, 30, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    families = {name: list(members) for name, members in (families or loss_families(keys)).items()}
     series = {}
     for key in keys:
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
-                  and math.isfinite(r[key])]
+                  and math.isfinite(r[key]) and isinstance(r.get("step"), (int, float))]
         if points:
             series[key] = points
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    if not series:
-        draw.text((left + 10, top + 10), "no finite values logged", fill="black")
+    panels = [(name, [k for k in members if k in series]) for name, members in families.items()]
+    panels = [(name, members) for name, members in panels if members]
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(14), _font(11)
+    left, right, top, bottom, gap = 64, 16, 8, 40, 26
+    if not panels:
+        draw.rectangle([left, top + 20, width - right, height - bottom], outline="black")
+        draw.text((left + 10, top + 30), "no finite values logged", fill="black", font=font)
         return _save_png(image, path)
     steps = [s for points in series.values() for s, _ in points]
-    values = [v for points in series.values() for _, v in points]
-    x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
-    y0, y1 = min(values), max(values) if max(values) > min(values) else min(values) + 1
+    x_ticks = nice_ticks(min(steps), max(steps), 6)
+    x0, x1 = min(x_ticks[0], min(steps)), max(x_ticks[-1], max(steps))
+    x0, x1 = (x0, x1) if x1 > x0 else (x0 - 1, x1 + 1)
+    panel_height = (height - top - bottom - gap * (len(panels) - 1)) / len(panels)
+    colour_of = {key: _COLOURS[i % len(_COLOURS)] for i, key in enumerate(series)}
+    for index, (name, members) in enumerate(panels):
+        p_top = top + index * (panel_height + gap) + 18
+        p_bottom = top + index * (panel_height + gap) + panel_height
+        values = [v for k in members for _, v in series[k]]
+        y_ticks = nice_ticks(min(values), max(values), 4)
+        y0, y1 = min(y_ticks[0], min(values)), max(y_ticks[-1], max(values))
+        y0, y1 = (y0, y1) if y1 > y0 else (y0 - 1, y1 + 1)
 
-    def to_pixel(step, value):
-        x = left + (step - x0) / (x1 - x0) * (width - left - right)
-        y = height - bottom - (value - y0) / (y1 - y0) * (height - top - bottom)
-        return x, y
+        def to_pixel(step, value):
+            return (left + (step - x0) / (x1 - x0) * (width - left - right),
+                    p_bottom - (value - y0) / (y1 - y0) * (p_bottom - p_top))
 
-    for tick in range(5):
-        value = y0 + (y1 - y0) * tick / 4
-        _, y = to_pixel(x0, value)
-        draw.line([left - 4, y, left, y], fill="black")
-        draw.text((4, y - 6), f"{value:.3g}", fill="black")
-        step = x0 + (x1 - x0) * tick / 4
-        x, _ = to_pixel(step, y0)
+        draw.text((left, p_top - 18), name, fill="black", font=font)
+        y_step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else 1.0
+        for tick in y_ticks:
+            _, y = to_pixel(x0, tick)
+            draw.line([left, y, width - right, y], fill=(232, 232, 232))
+            draw.text((left - 6, y), tick_label(tick, y_step), fill="black", font=small, anchor="rm")
+        draw.rectangle([left, p_top, width - right, p_bottom], outline="black")
+        for key in members:
+            colour = colour_of[key]
+            faint = tuple(int(c + (255 - c) * 0.7) for c in colour)
+            raw = [to_pixel(s, v) for s, v in series[key]]
+            smoothed = [to_pixel(s, v) for (s, _), v in zip(series[key], smooth([v for _, v in series[key]]))]
+            if len(raw) > 1:
+                draw.line(raw, fill=faint, width=1)
+                draw.line(smoothed, fill=colour, width=2)
+            else:
+                x, y = raw[0]
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        legend_x = width - right
+        for key in reversed(members):  # right-aligned legend above the panel
+            legend_x -= draw.textlength(key, font=small) + 24
+            draw.line([legend_x, p_top - 9, legend_x + 14, p_top - 9], fill=colour_of[key], width=3)
+            draw.text((legend_x + 18, p_top - 9), key, fill="black", font=small, anchor="lm")
+    x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
+    for tick in x_ticks:
+        x = left + (tick - x0) / (x1 - x0) * (width - left - right)
         draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
-        draw.text((x - 10, height - bottom + 8), f"{int(step)}", fill="black")
-    draw.text((width // 2 - 15, height - 20), "step", fill="black")
-    for index, (key, points) in enumerate(series.items()):
-        colour = colours[index % len(colours)]
-        pixels = [to_pixel(s, v) for s, v in points]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
-        else:
-            x, y = pixels[0]
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.text((left + 10 + 150 * index, 8), key, fill=colour)
+        draw.text((x, height - bottom + 6), tick_label(tick, x_step), fill="black", font=small, anchor="mt")
+    draw.text((width // 2, height - 6), "step (faint: raw, bold: smoothed)", fill="black", font=small, anchor="mb")
     return _save_png(image, path)
+
+
+def save_sample_sheet(images: torch.Tensor, path: Path, labels: Optional[Sequence[int]] = None,
+                      columns: Optional[int] = None, title: str = "", cell: int = 128,
+                      reconstructions: Optional[tuple] = None,
+                      class_names: Optional[Dict[int, str]] = None) -> Path:
+    """A sheet a person can judge at a glance: uint8 ``[N, 3, H, W]`` samples upscaled
+    (nearest neighbour, to about ``cell`` px) with their class under each, and optionally
+    ``reconstructions = (real, reconstructed)`` (two uint8 ``[M, 3, H, W]``) as a second
+    section, real images above their reconstructions."""
+    images = images.detach().cpu()
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    count, _, h, w = images.shape
+    scale = max(1, math.ceil(cell / max(h, w)))
+    cw, ch = w * scale, h * scale
+    columns = columns or int(math.ceil(math.sqrt(count)))
+    font, small = _font(16), _font(12)
+    pad, caption, heading = 6, 16 if labels is not None else 0, 26 if title else 0
+
+    def tiles(batch):
+        return [Image.fromarray(t.permute(1, 2, 0).numpy()).resize((cw, ch), Image.NEAREST) for t in batch]
+
+    def name(label):
+        label = int(label)
+        return (class_names or {}).get(label, f"class {label}")
+
+    rows = math.ceil(count / columns)
+    sections_height = heading + rows * (ch + caption + pad)
+    pairs = 0
+    if reconstructions is not None:
+        real, recon = (t.detach().cpu() for t in reconstructions)
+        if real.shape != recon.shape or real.dtype != torch.uint8 or recon.dtype != torch.uint8:
+            raise ValueError("reconstructions must be two uint8 tensors of one shape")
+        pairs = real.shape[0]
+        pair_rows = math.ceil(pairs / columns)
+        sections_height += 26 + pair_rows * (2 * ch + pad + 4)
+    recon_heading = "VAE reconstructions (top: real, bottom: reconstructed)"
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    texts = [title] + ([recon_heading] if pairs else [])
+    width = max([pad + columns * (cw + pad)] + [int(measure.textlength(t, font=font)) + 2 * pad for t in texts])
+    sheet = Image.new("RGB", (width, sections_height + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    if title:
+        draw.text((pad, y), title, fill="black", font=font)
+        y += heading
+    for index, tile in enumerate(tiles(images)):
+        r, c = divmod(index, columns)
+        x, ty = pad + c * (cw + pad), y + r * (ch + caption + pad)
+        sheet.paste(tile, (x, ty))
+        if labels is not None:
+            draw.text((x + cw / 2, ty + ch + 2), name(labels[index]), fill="black", font=small, anchor="mt")
+    y += rows * (ch + caption + pad)
+    if pairs:
+        draw.text((pad, y), recon_heading, fill="black", font=font)
+        y += 26
+        for index, (a, b) in enumerate(zip(tiles(real), tiles(recon))):
+            r, c = divmod(index, columns)
+            x, ty = pad + c * (cw + pad), y + r * (2 * ch + pad + 4)
+            sheet.paste(a, (x, ty))
+            sheet.paste(b, (x, ty + ch + 2))
+    return _save_png(sheet, path)
 
 
 def _save_png(image: Image.Image, path: Path) -> Path:

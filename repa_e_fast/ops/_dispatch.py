@@ -42,12 +42,18 @@ def ops_mode() -> str:
     return mode
 
 
-@torch.compiler.assume_constant_result
 def _environment():
     """(mode, triton installed, interpreter on). Read at trace time under torch.compile:
     dynamo cannot trace the import test, and a compiled graph keeps the choice it was
     traced with (changing REPA_E_FAST_OPS later does not retrace it)."""
     return ops_mode(), triton_available(), interpreter_enabled()
+
+
+# What ``@torch.compiler.assume_constant_result`` does, without its cost: that decorator
+# imports torch._dynamo (about 1 s, and triton with it) only to set this flag, which would
+# make ``import repa_e_fast.ops`` heavy and read TRITON_INTERPRET before the user sets it.
+# tests/test_ops_compile.py checks that compiled graphs still treat the result as constant.
+_environment._dynamo_marked_constant = True
 
 
 def use_triton(op: str, *tensors: torch.Tensor) -> bool:

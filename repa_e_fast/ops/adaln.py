@@ -15,14 +15,20 @@ def adaln_modulate_reference(x, shift, scale, eps=1e-6):
 
 
 def _check_mod(op, name, v, B, D):
-    check_tensor(op, name, v, ndim=(2, 3))
+    """A modulation vector as ``[B, D]``: ``[B, D]`` and ``[B, 1, D]`` are per sample;
+    ``[D]``, ``[1, D]`` and ``[1, 1, D]`` are shared by the batch and broadcast (a stride-0
+    view, no copy; autograd sums its gradient over the batch)."""
+    check_tensor(op, name, v, ndim=(1, 2, 3))
     if v.dim() == 3:
         if v.shape[1] != 1:
             raise ValueError(f"{op}: {name} must be [B, D] or [B, 1, D], got {tuple(v.shape)}")
         v = v.squeeze(1)
-    if tuple(v.shape) != (B, D):
-        raise ValueError(f"{op}: {name} must have shape {(B, D)} to match x, got {tuple(v.shape)}")
-    return v
+    if v.dim() == 1:
+        v = v.unsqueeze(0)
+    if v.shape[1] != D or v.shape[0] not in (1, B):
+        raise ValueError(f"{op}: {name} must have shape {(B, D)}, {(1, D)} or {(D,)} to match x, "
+                         f"got {tuple(v.shape)}")
+    return v.expand(B, D)
 
 
 class _AdaLNModulate(torch.autograd.Function):
@@ -45,7 +51,8 @@ def adaln_modulate(x, shift, scale, eps=1e-6):
 
     Args:
         x: ``[B, T, D]`` float32 / bfloat16 / float16 (float64 runs the reference).
-        shift, scale: ``[B, D]`` (or ``[B, 1, D]``), broadcast over the T tokens. Views
+        shift, scale: ``[B, D]`` (or ``[B, 1, D]``), broadcast over the T tokens; ``[D]``
+            or ``[1, D]`` is shared by every sample. Views
             with a row stride (``chunk(6, dim=1)`` of the adaLN projection) are read in
             place; other non-unit-stride inputs are copied.
         eps: LayerNorm epsilon (SiT uses 1e-6).
@@ -110,7 +117,8 @@ def gated_residual_adaln_modulate(x, gate, y, shift, scale, eps=1e-6):
 
     Args:
         x, y: ``[B, T, D]`` (residual stream and branch output).
-        gate, shift, scale: ``[B, D]`` (or ``[B, 1, D]``), broadcast over T.
+        gate, shift, scale: ``[B, D]`` (or ``[B, 1, D]``; ``[D]`` / ``[1, D]`` shared by
+            the batch), broadcast over T.
         eps: LayerNorm epsilon.
 
     Returns:

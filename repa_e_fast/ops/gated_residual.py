@@ -36,7 +36,8 @@ def gated_residual(x, gate, y):
 
     Args:
         x, y: ``[B, T, D]`` float32 / bfloat16 / float16 (float64 runs the reference).
-        gate: ``[B, D]`` (or ``[B, 1, D]``); a ``chunk`` view is read in place.
+        gate: ``[B, D]`` (or ``[B, 1, D]``; ``[D]`` / ``[1, D]`` shared by the batch); a
+            ``chunk`` view is read in place.
     Returns:
         ``[B, T, D]`` in ``promote(x, gate, y)``; arithmetic in fp32. Non-contiguous x/y
         are copied. Gradients: ``dx = dout``, ``dy = dout*gate``, ``dgate = sum_T dout*y``

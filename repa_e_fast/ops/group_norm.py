@@ -1,4 +1,6 @@
-"""GroupNorm (+ optional fused SiLU) for NCHW and channels_last tensors."""
+"""GroupNorm (+ optional fused SiLU) for ``[N, C, *]`` tensors, NCHW or channels_last."""
+
+import operator
 
 import torch
 import torch.nn as nn
@@ -19,7 +21,43 @@ def _memory_format(x):
     return None
 
 
-def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-6, activation=None):
+def _as_4d(x):
+    """``x`` of shape ``[N, C, *spatial]`` as a 4-D ``[N, C, S, 1]`` view the kernels read
+    (S = product of the spatial sizes), and a function that views a ``[N, C, S, 1]`` result
+    back as ``[N, C, *spatial]``.
+
+    Channels-first memory (``x.contiguous()``) becomes NCHW; channels-minor memory
+    (channels_last / channels_last_3d, or diffusers' attention ``[B, C, H*W]`` taken from a
+    channels_last image) becomes channels_last, so neither is copied. Other strides are
+    copied to channels-first.
+    """
+    if x.dim() == 4:
+        return x, lambda y: y
+    N, C, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    S = 1
+    for size in spatial:
+        S *= size
+    channels_minor = x.movedim(1, -1)
+    if not x.is_contiguous() and channels_minor.is_contiguous():
+        x4 = channels_minor.reshape(N, S, 1, C).permute(0, 3, 1, 2)
+        return x4, lambda y: y.permute(0, 2, 3, 1).reshape(N, *spatial, C).movedim(-1, 1)
+    return x.reshape(N, C, S, 1), lambda y: y.reshape(N, C, *spatial)
+
+
+def _groups(num_groups, C):
+    """``num_groups`` as a Python int (integer-like values such as ``np.int64`` accepted)."""
+    try:
+        if isinstance(num_groups, bool):
+            raise TypeError
+        groups = operator.index(num_groups)
+    except TypeError:
+        groups = None
+    if groups is None or groups <= 0 or C % groups:
+        raise ValueError(f"{OP}: num_groups={num_groups!r} must be a positive integer dividing C={C}")
+    return groups
+
+
+def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
     """PyTorch definition: ``F.group_norm`` then optional ``F.silu``.
 
     fp16/bf16 inputs are computed in fp32 and cast back (statistics in fp32, as in the
@@ -62,29 +100,35 @@ class _GroupNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None, None
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, activation=None):
-    """GroupNorm over ``[N, C, H, W]`` with an optional fused SiLU.
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
+    """GroupNorm over ``[N, C, *]`` (any rank ``nn.GroupNorm`` accepts) with an optional
+    fused SiLU.
 
     Args:
-        x: ``[N, C, H, W]`` float32 / bfloat16 / float16 (float64 runs the reference),
-            NCHW-contiguous or channels_last. Other strides are copied to NCHW first.
-        num_groups: number of groups; must divide C.
+        x: ``[N, C, *spatial]`` float32 / bfloat16 / float16 (float64 runs the reference).
+            The spatial dims are flattened into one (a view, no copy) when x is
+            channels-first contiguous or channels-minor (channels_last, channels_last_3d,
+            or a ``[B, C, L]`` transpose of a ``[B, L, C]`` tensor). Other strides are
+            copied to channels-first first.
+        num_groups: number of groups (an int or integer-like, e.g. ``np.int64``); must divide C.
         weight, bias: optional ``[C]`` affine parameters (any float dtype; their
             gradients come back in their own dtype).
-        eps: variance epsilon (the VAE uses 1e-6; nn.GroupNorm's default is 1e-5).
+        eps: variance epsilon (default 1e-5 as in ``F.group_norm``; the VAE uses 1e-6).
         activation: ``None`` or ``"silu"`` (``y = z * sigmoid(z)`` applied after the
             affine, fused into the same kernel and its backward).
 
     Returns:
-        ``[N, C, H, W]`` in x's dtype and memory format. Mean and variance are fp32
+        x's shape, in x's dtype and memory format (a channels-first or channels-minor
+        input keeps its layout). Mean and variance are fp32
         (tile-wise two-pass, merged with Chan's formula: no sum-of-squares cancellation).
         Unlike ``nn.GroupNorm`` under autocast, fp16/bf16 inputs are not upcast: output
         stays in the input dtype.
     """
-    check_tensor(OP, "x", x, ndim=4)
-    N, C, H, W = x.shape
-    if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
-        raise ValueError(f"{OP}: num_groups={num_groups!r} must be a positive int dividing C={C}")
+    check_tensor(OP, "x", x)
+    if x.dim() < 2:
+        raise ValueError(f"{OP}: x must be [N, C, *], got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    num_groups = _groups(num_groups, C)
     if activation not in ACTIVATIONS:
         raise ValueError(f"{OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -95,8 +139,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, activation=None)
     check_same_device(OP, x=x, weight=weight, bias=bias)
     if not use_triton(OP, *[t for t in (x, weight, bias) if t is not None]) or x.numel() == 0:
         return group_norm_reference(x, num_groups, weight, bias, eps, activation)
-    if C * H * W >= 2**31:
-        raise ValueError(f"{OP}: one sample has {C * H * W} elements; the kernels index a sample with int32")
+    if x.numel() // x.shape[0] >= 2**31:
+        raise ValueError(f"{OP}: one sample has {x.numel() // x.shape[0]} elements; the kernels index a "
+                         "sample with int32")
+    x, restore_shape = _as_4d(x)
     fmt = _memory_format(x)
     if fmt is None:
         x = x.contiguous()  # documented copy for arbitrary strides
@@ -105,7 +151,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, activation=None)
     channels_last = fmt == torch.channels_last
     w = None if weight is None else weight.contiguous()
     b = None if bias is None else bias.contiguous()
-    return _GroupNorm.apply(x, w, b, num_groups, float(eps), activation == "silu", channels_last)
+    return restore_shape(_GroupNorm.apply(x, w, b, num_groups, float(eps), activation == "silu", channels_last))
 
 
 class FusedGroupNorm(nn.GroupNorm):
@@ -122,21 +168,26 @@ class FusedGroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         self.activation = activation
 
+    @classmethod
+    def from_module(cls, norm, activation=None):
+        """A FusedGroupNorm computing ``norm`` (an ``nn.GroupNorm``), optionally followed by
+        ``activation``. It holds the same ``weight``/``bias`` Parameter objects, so state
+        dicts, optimizers and parameter counts are unchanged; training mode is copied."""
+        if not isinstance(norm, nn.GroupNorm):
+            raise TypeError(f"FusedGroupNorm.from_module: expected an nn.GroupNorm, got {type(norm).__name__}")
+        # Built without parameters of its own, then given norm's.
+        new = cls(int(norm.num_groups), norm.num_channels, eps=norm.eps, affine=False, activation=activation)
+        if norm.affine:
+            new.affine = True
+            new.weight, new.bias = norm.weight, norm.bias
+        new.train(norm.training)
+        return new
+
     def forward(self, x):
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
 
     def extra_repr(self):
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
-
-
-def _fused_from(gn, activation):
-    new = FusedGroupNorm(gn.num_groups, gn.num_channels, eps=gn.eps, affine=gn.affine, activation=activation,
-                         device=gn.weight.device if gn.affine else None)
-    if gn.affine:
-        # Reuse the Parameter objects: values, dtype, device and any optimizer state stay.
-        new.weight, new.bias = gn.weight, gn.bias
-    new.train(gn.training)
-    return new
 
 
 def replace_group_norms(module, fuse_silu=True):
@@ -155,13 +206,13 @@ def replace_group_norms(module, fuse_silu=True):
     Returns the module (the replacement itself if ``module`` is an ``nn.GroupNorm``).
     """
     if type(module) is nn.GroupNorm:
-        return _fused_from(module, None)
+        return FusedGroupNorm.from_module(module)
     if isinstance(module, nn.Sequential) and fuse_silu:
         names = list(module._modules.keys())
         for a, b in zip(names, names[1:]):
             gn, act = module._modules[a], module._modules[b]
             if isinstance(gn, nn.GroupNorm) and isinstance(act, nn.SiLU) and getattr(gn, "activation", None) is None:
-                module._modules[a] = _fused_from(gn, "silu")
+                module._modules[a] = FusedGroupNorm.from_module(gn, "silu")
                 module._modules[b] = nn.Identity()
     for name, child in module._modules.items():
         if child is not None:
