@@ -268,9 +268,10 @@ class DeepSpeedBackend:
         # clips them inside step() with the same threshold. Returning the norm here lets the
         # step skip every model on a non-finite one (stage 0 would otherwise step with it).
         grads = [p.grad for p in self.modules[name].parameters() if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
 
-    def step(self, name: str) -> None:
+    def step(self, name: str, overflow: bool = False) -> None:
+        # ``overflow`` is not needed: ZeRO finds an fp16 overflow itself inside step().
         engine = self.models[name]
         engine.step()
         self._done.add(name)
@@ -288,11 +289,10 @@ class DeepSpeedBackend:
         norm = self.models[name].get_global_grad_norm()
         return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
 
-    def all_finite(self, values: Sequence[torch.Tensor]) -> bool:
-        bad = any(not bool(torch.isfinite(v.detach()).all()) for v in values)
-        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
-        dist.all_reduce(flag)
-        return flag.item() == 0.0
+    def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        flags = flags.to(self.device, copy=True)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
 
     def end_micro_step(self) -> None:
         for name, engine in self.models.items():
