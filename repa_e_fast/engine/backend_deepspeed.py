@@ -268,7 +268,7 @@ class DeepSpeedBackend:
         # clips them inside step() with the same threshold. Returning the norm here lets the
         # step skip every model on a non-finite one (stage 0 would otherwise step with it).
         grads = [p.grad for p in self.modules[name].parameters() if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
     def step(self, name: str, overflow: bool = False) -> None:
         # ``overflow`` is not needed: ZeRO finds an fp16 overflow itself inside step().

@@ -132,9 +132,11 @@ class SingleProcessBackend:
         if self.scaler is not None:
             torch._foreach_mul_(grads, 1.0 / self.scaler.get_scale())
         params = [p for p in self.modules[name].parameters() if p.grad is not None]
-        # One multi-tensor norm and one multi-tensor scale, no host read; a non-finite
-        # norm scales by NaN, and the step then skips (or, fp16, drops) these gradients.
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        # No host read. On CPU and CUDA torch's default is the multi-tensor path (one norm
+        # kernel and one scale per dtype, not two launches per parameter; the per-tensor loop
+        # only on devices without foreach kernels, e.g. meta for FLOP counting). A non-finite
+        # norm scales by NaN; the step then skips (or, fp16, drops) these gradients.
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def step(self, name: str, overflow: bool = False) -> None:
         if self.scaler is not None:

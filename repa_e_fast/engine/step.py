@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.func import functional_call
 
 from ..models.vae import preprocess_images_for_vae
@@ -98,7 +99,11 @@ class _UpdateMixin:
             if norm is not None:
                 self._watch(f"grad_norm_{name}", norm)
         flags = self.backend.any_rank(torch.stack([flag for _, flag in self._flags]).float())
-        bad = {name: value != 0.0 for (name, _), value in zip(self._flags, flags.tolist())}
+        if flags.device.type == "meta" or is_fake(flags):
+            values = [0.0] * len(self._flags)  # shape-only runs (FLOP / memory counting) have no values
+        else:
+            values = flags.tolist()
+        bad = {name: value != 0.0 for (name, _), value in zip(self._flags, values)}
         losses = [name for name, value in bad.items() if value and not name.startswith("grad_norm_")]
         return losses, {name: bad[f"grad_norm_{name}"] for name, norm in norms.items() if norm is not None}
 
@@ -117,8 +122,9 @@ class _UpdateMixin:
         backend, config = self.backend, self.config
         norms = ({name: backend.clip_grad_norm(name, config.max_grad_norm) for name in names}
                  if backend.sync_step else {})
-        logs.update({f"grad_norm_{name}": norm.detach() for name, norm in norms.items() if norm is not None})
         bad_losses, bad_norms = self._resolve(norms)
+        if not bad_losses:  # the norms of a bad loss's gradients are not logged
+            logs.update({f"grad_norm_{name}": norm.detach() for name, norm in norms.items() if norm is not None})
         if bad_losses:
             self._give_up(bad_losses, names)
         elif getattr(backend, "checks_grad_norm", True) and any(bad_norms.values()):
