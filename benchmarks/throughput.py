@@ -89,10 +89,12 @@ def build_bench_sit(model_name, smoke, fast):
     return sit.set_fused_ops(fast)
 
 
-def compile_models(backend, models, compile_backend):
-    """Swap the backend's models for compiled wrappers; the optimizers keep the originals."""
-    backend.models = {name: torch.compile(model, backend=compile_backend) for name, model in models.items()}
-    backend.unwrap = lambda name: models[name]
+def compile_models(modules, compile_backend):
+    """Compile every module that runs in each step IN PLACE (``Module.compile``), as train.py
+    does: the SiT's align pass, which the step calls through ``functional_call`` on the
+    unwrapped module, and the DINOv2 target encoders then run compiled too."""
+    for module in modules:
+        module.compile(backend=compile_backend)
 
 
 def build_repae(model_name, batch, device, variant, smoke, compile_backend="inductor"):
@@ -121,12 +123,12 @@ def build_repae(model_name, batch, device, variant, smoke, compile_backend="indu
     models = {"sit": sit, "vae": vae, "disc": loss_fn}
     precision = "bf16" if device.type == "cuda" else "fp32"
     backend = SingleProcessBackend(models, optimizers, precision=precision)
-    if variant in COMPILED_VARIANTS:
-        compile_models(backend, models, compile_backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoders = [] if smoke else load_encoders("dinov2-vit-b", 256, allow_random=True, device=device,
                                                   pretrained_dir="/nonexistent")
+    if variant in COMPILED_VARIANTS:
+        compile_models(list(models.values()) + encoders, compile_backend)
     step = REPAEStep(backend, ema, StepConfig(align_pass_final_layer=not fast), encoders=encoders)
     images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10 if smoke else 1000, (batch,), device=device)
@@ -148,7 +150,7 @@ def build_ldm(model_name, batch, device, variant, smoke, compile_backend="induct
     optimizers = {"sit": build_adamw(sit, fused=fast and device.type == "cuda")}
     backend = SingleProcessBackend({"sit": sit}, optimizers, precision="bf16" if device.type == "cuda" else "fp32")
     if variant in COMPILED_VARIANTS:
-        compile_models(backend, {"sit": sit}, compile_backend)
+        compile_models([sit], compile_backend)
     step = LDMStep(backend, ema)
     side = 4 if smoke else 32
     moments = torch.cat([torch.randn(batch, 4, side, side, device=device),
