@@ -361,8 +361,8 @@ def add_official_speedups(rows, official):
     """Each of our rows of the official setup (same step, model, batch) gets its images/s
     over the official step's, measured on the same device."""
     for row in rows:
-        if (row.get("section") == "steps" and "images_per_s" in row and row["variant"] != "official"
-                and (row["step"], row["model"], row["batch"]) == (official["step"], official["model"], official["batch"])):
+        same_setup = all(row.get(key) == official[key] for key in ("step", "model", "batch"))
+        if row.get("section") == "steps" and "images_per_s" in row and row["variant"] != "official" and same_setup:
             row["speedup_vs_official"] = row["images_per_s"] / official["images_per_s"]
 
 

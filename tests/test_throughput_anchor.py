@@ -37,7 +37,8 @@ def test_official_result_is_matched_by_setup_batch_and_device(tmp_path):
     args = smoke_args()
     path = write_jsonl(tmp_path / "official.jsonl", [
         official_line(batch=4), official_line(images_per_s=3.0),
-        {"bench": "official_repae_step", "device": "cpu", "setup": "smoke", "batch_size": 2, "error": "CUDA out of memory"},
+        {"bench": "official_repae_step", "device": "cpu", "setup": "smoke", "batch_size": 2,
+         "error": "CUDA out of memory"},
         official_line(images_per_s=5.0, device="NVIDIA H100 80GB HBM3")])
     assert throughput.load_official_result(path, args, "cpu")["images_per_s"] == 3.0  # the matching line
     args.batch = 8

@@ -29,7 +29,7 @@ import contextlib
 import copy
 import json
 import pathlib
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.distributed as dist

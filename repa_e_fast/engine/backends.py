@@ -18,7 +18,7 @@ together) and ``unwrap(name)``. Single process and DDP live here, DeepSpeed in
 """
 
 import contextlib
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
