@@ -10,8 +10,18 @@ go to stdout as a table and to ``benchmarks/results/throughput_<device>_<date>.j
 the device, date, versions and command.
 
 Whole steps report images/s (median step time over the timed steps), model FLOPs
-utilisation (FLOPs of one step counted with torch.utils.flop_counter, divided by the step
-time and the bf16 dense peak given by --peak-tflops) and peak memory.
+utilisation and peak memory. MFU uses ONE fixed FLOP count per image for every variant
+(and for the official step): the reference path's, so a variant that removes FLOPs is not
+penalised (``reference_flops_per_image``). It is divided by the step time and by the bf16
+dense rate given by --peak-tflops (790 TFLOP/s, measured on these H100s).
+
+    python benchmarks/throughput.py --sections steps --models SiT-XL/2 --steps repae \
+        --official-result RESULTS/official_step.jsonl   # + speedup_vs_official per row
+    python benchmarks/throughput.py --smoke --count-syncs  # host syncs per step, per variant
+    python benchmarks/throughput.py --count-flops --models SiT-XL/2 --steps repae  # the FLOP count
+
+The whole-step benchmark runs at batch 32 per GPU by default: the official per-GPU batch
+(the discriminator's and the latent BatchNorm's batch statistics depend on it).
 """
 
 import argparse
@@ -24,6 +34,7 @@ import platform
 import statistics
 import sys
 import time
+import unittest.mock
 import warnings
 
 import torch
@@ -45,6 +56,21 @@ from repa_e_fast.models.vae import AutoencoderKL, build_vae  # noqa: E402
 VARIANTS = ("reference", "compile", "fast", "fast_compile")
 COMPILED_VARIANTS = {"compile": "reference", "fast_compile": "fast"}  # -> the eager variant with the same math
 
+PEAK_TFLOPS = 790.0  # bf16 dense matmul rate measured on the H100s the results come from
+# FLOPs of one training step per image (forward and backward of every model: DINOv2 targets,
+# VAE, LPIPS, discriminator, the SiT's align and training passes), counted on the REFERENCE
+# path with torch.utils.flop_counter (matmuls, convolutions, attention), for every variant.
+# For SiT-XL/2 + f8d4 at 256 px (the official setup) the count is fixed here:
+#     python benchmarks/throughput.py --count-flops --steps repae --models SiT-XL/2
+# counts it again on the meta device (no memory, about a minute on a CPU): 3.771e12 per image
+# (attention counted as the math path's matmuls); the H100 run of 2026-11-22 counted 60.43
+# TFLOP per batch-16 step on CUDA, 3.777e12 per image (the flash-attention formulas). Both
+# round to the fixed 3.77e12.
+# Other setups (SiT-B/2, LDM-only, the smoke models) are counted the same way, once per run.
+FIXED_FLOPS_PER_IMAGE = {("repae", "SiT-XL/2"): 3.77e12}
+# The official bench's setups (official_step_bench.py --setup) as our (step, model).
+OFFICIAL_SETUPS = {"A": ("repae", "SiT-XL/2"), "smoke": ("repae", "tiny")}
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -63,10 +89,12 @@ def build_bench_sit(model_name, smoke, fast):
     return sit.set_fused_ops(fast)
 
 
-def compile_models(backend, models, compile_backend):
-    """Swap the backend's models for compiled wrappers; the optimizers keep the originals."""
-    backend.models = {name: torch.compile(model, backend=compile_backend) for name, model in models.items()}
-    backend.unwrap = lambda name: models[name]
+def compile_models(modules, compile_backend):
+    """Compile every module that runs in each step IN PLACE (``Module.compile``), as train.py
+    does: the SiT's align pass, which the step calls through ``functional_call`` on the
+    unwrapped module, and the DINOv2 target encoders then run compiled too."""
+    for module in modules:
+        module.compile(backend=compile_backend)
 
 
 def build_repae(model_name, batch, device, variant, smoke, compile_backend="inductor"):
@@ -95,12 +123,12 @@ def build_repae(model_name, batch, device, variant, smoke, compile_backend="indu
     models = {"sit": sit, "vae": vae, "disc": loss_fn}
     precision = "bf16" if device.type == "cuda" else "fp32"
     backend = SingleProcessBackend(models, optimizers, precision=precision)
-    if variant in COMPILED_VARIANTS:
-        compile_models(backend, models, compile_backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoders = [] if smoke else load_encoders("dinov2-vit-b", 256, allow_random=True, device=device,
                                                   pretrained_dir="/nonexistent")
+    if variant in COMPILED_VARIANTS:
+        compile_models(list(models.values()) + encoders, compile_backend)
     step = REPAEStep(backend, ema, StepConfig(align_pass_final_layer=not fast), encoders=encoders)
     images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10 if smoke else 1000, (batch,), device=device)
@@ -110,6 +138,7 @@ def build_repae(model_name, batch, device, variant, smoke, compile_backend="indu
     def run(step_index):
         return step(images, labels, step_index, zs=zs)
 
+    run.backend = backend
     return run
 
 
@@ -121,7 +150,7 @@ def build_ldm(model_name, batch, device, variant, smoke, compile_backend="induct
     optimizers = {"sit": build_adamw(sit, fused=fast and device.type == "cuda")}
     backend = SingleProcessBackend({"sit": sit}, optimizers, precision="bf16" if device.type == "cuda" else "fp32")
     if variant in COMPILED_VARIANTS:
-        compile_models(backend, {"sit": sit}, compile_backend)
+        compile_models([sit], compile_backend)
     step = LDMStep(backend, ema)
     side = 4 if smoke else 32
     moments = torch.cat([torch.randn(batch, 4, side, side, device=device),
@@ -133,6 +162,7 @@ def build_ldm(model_name, batch, device, variant, smoke, compile_backend="induct
     def run(step_index):
         return step(moments, labels, zs=zs)
 
+    run.backend = backend
     return run
 
 
@@ -145,10 +175,44 @@ def count_flops(run, step_index):
     return counter.get_total_flops()
 
 
+_COUNTED_FLOPS = {}
+
+
+def reference_flops_per_image(kind, model_name, smoke, batch=2):
+    """The FLOPs per image that every variant of (step, model) is scored with: the fixed
+    count for the official setup, else the reference path's count on the meta device (no
+    memory, no arithmetic: FlopCounterMode reads the shapes), once per run."""
+    model = "tiny" if smoke else model_name
+    if (kind, model) in FIXED_FLOPS_PER_IMAGE:
+        return FIXED_FLOPS_PER_IMAGE[(kind, model)]
+    if (kind, model) not in _COUNTED_FLOPS:
+        _COUNTED_FLOPS[(kind, model)] = count_reference_flops(kind, model_name, smoke, batch) / batch
+    return _COUNTED_FLOPS[(kind, model)]
+
+
+def count_reference_flops(kind, model_name, smoke, batch):
+    """FLOPs of one reference step of ``batch`` images, counted on the meta device (shapes
+    only: no memory, no arithmetic). The optimizers do not step (their elementwise updates
+    are no matmul/conv/attention FLOPs, and a meta step counter has no value to read)."""
+    builder = build_repae if kind == "repae" else build_ldm
+    real_autocast = torch.autocast
+
+    def autocast(device_type, *args, **kwargs):  # autocast knows no meta device; fp32 needs none
+        return contextlib.nullcontext() if device_type == "meta" else real_autocast(device_type, *args, **kwargs)
+
+    meta = torch.device("meta")
+    with torch.device(meta), warnings.catch_warnings(), unittest.mock.patch.object(torch, "autocast", autocast):
+        warnings.simplefilter("ignore")
+        run = builder(model_name, batch, meta, "reference", smoke)
+        for optimizer in run.backend.optimizers.values():
+            optimizer.step = lambda *args, **kwargs: None
+        return count_flops(run, 0)
+
+
 def measure_step(kind, model_name, batch, device, variant, smoke, warmup, iters, peak_tflops,
-                 compile_backend="inductor", flops=None):
-    """Time one (step, model, variant); ``flops`` is the count of the same math when known
-    (a compiled variant is not counted: the counter would see dynamo's graphs, not the ops)."""
+                 compile_backend="inductor", flops_per_image=None, count_syncs=False):
+    """Time one (step, model, variant). ``flops_per_image`` is the fixed count every variant
+    of (step, model) is scored with (``reference_flops_per_image``)."""
     builder = build_repae if kind == "repae" else build_ldm
     import gc
 
@@ -173,18 +237,27 @@ def measure_step(kind, model_name, batch, device, variant, smoke, warmup, iters,
         run(warmup + index)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    if flops is None and not compiled:
-        flops = count_flops(run, warmup + iters)
     seconds = statistics.median(times)
+    flops = flops_per_image * batch if flops_per_image else None
     row = {"section": "steps", "step": kind, "model": "tiny" if smoke else model_name, "variant": variant,
            "batch": batch, "median_s": seconds, "images_per_s": batch / seconds, "iters": iters,
            "warmup_steps": warmup, "warmup_s": warmup_s,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-           "tflop_per_step": flops / 1e12 if flops else None}
+           "tflop_per_step": flops / 1e12 if flops else None,
+           "flops_per_image_source": "FIXED_FLOPS_PER_IMAGE (reference path)"
+           if (kind, "tiny" if smoke else model_name) in FIXED_FLOPS_PER_IMAGE
+           else "reference path, counted on the meta device in this run"}
     if compiled:
         row["compile_backend"] = compile_backend
     if flops and peak_tflops:
         row["mfu"] = flops / seconds / (peak_tflops * 1e12)
+    if count_syncs:
+        from repa_e_fast.engine.host_sync import HostSyncCounter
+
+        with HostSyncCounter(device, optimizers=run.backend.optimizers.values()) as syncs:
+            run(warmup + iters)
+        row["host_syncs_per_step"] = syncs.count
+        row["host_sync_events"] = dict(syncs.events)
     return row
 
 
@@ -204,14 +277,19 @@ def measure_steps(args, device):
     rows = []
     for kind in args.steps.split(","):
         for model_name in args.models.split(","):
-            flops = {}  # variant -> FLOPs of one step; a compiled variant reuses its eager twin's
+            try:
+                flops_per_image = reference_flops_per_image(kind, model_name, args.smoke)
+            except Exception as error:  # noqa: BLE001 - MFU is then left out, the timing still runs
+                print(f"FLOP count of the {kind} reference step failed ({type(error).__name__}: {error}); "
+                      "no MFU for it", flush=True)
+                flops_per_image = None
             for variant in args.variants.split(","):
                 try:
                     row = measure_step(kind, model_name, args.batch, device, variant, args.smoke, args.warmup,
                                        args.iters, args.peak_tflops if device.type == "cuda" else None,
-                                       args.compile_backend, flops.get(COMPILED_VARIANTS.get(variant)))
-                    if row["tflop_per_step"]:
-                        flops[variant] = row["tflop_per_step"] * 1e12
+                                       args.compile_backend, flops_per_image, args.count_syncs)
+                    if args.count_syncs:
+                        print(f"host syncs per step: {kind}/{variant} {row['host_syncs_per_step']}", flush=True)
                 except Exception as error:  # noqa: BLE001 - one failing variant must not lose the rest
                     row = {"section": "steps", "step": kind, "model": "tiny" if args.smoke else model_name,
                            "variant": variant, "batch": args.batch,
@@ -222,6 +300,70 @@ def measure_steps(args, device):
                 print(json.dumps(row), flush=True)
     add_speedups(rows)
     return rows
+
+
+# ----------------------------------------------------------------------------------------
+# The official step (/work/shared/official_bench/official_step_bench.py --out FILE)
+# ----------------------------------------------------------------------------------------
+def load_official_result(path, args, device_name):
+    """The official bench's JSON line that matches this run (setup, batch, device); the
+    last one when the file holds several. Raises ValueError with the reason otherwise."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--official-result {path}: no such file")
+    lines = []
+    with open(path) as handle:
+        for number, text in enumerate(handle, 1):
+            if text.strip():
+                try:
+                    lines.append(json.loads(text))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"--official-result {path}:{number}: not JSON ({error})") from None
+    found, match = [], None
+    for line in lines:
+        config = line.get("config", {})
+        setup, batch = config.get("setup", line.get("setup")), config.get("batch_size", line.get("batch_size"))
+        found.append(f"setup {setup} batch {batch} on {line.get('device')}"
+                     + (f" (error: {line['error']})" if "error" in line else ""))
+        if line.get("bench") != "official_repae_step" or "error" in line or "images_per_s" not in line:
+            continue
+        if setup not in OFFICIAL_SETUPS or batch != args.batch or line.get("device") != device_name:
+            continue
+        kind, model = OFFICIAL_SETUPS[setup]
+        if kind in args.steps.split(",") and (model in args.models.split(",") or (args.smoke and model == "tiny")):
+            match = line
+    wanted = "smoke" if args.smoke else "A (repae, SiT-XL/2)"
+    if match is None:
+        raise ValueError(f"--official-result {path}: no official step result for setup {wanted}, batch {args.batch} "
+                         f"on {device_name} (this run's setup); the file has: {'; '.join(found) or 'nothing'}")
+    return match
+
+
+def official_row(line, path, peak_tflops):
+    config = line["config"]
+    kind, model = OFFICIAL_SETUPS[config["setup"]]
+    row = {"section": "steps", "step": kind, "model": model, "variant": "official", "batch": config["batch_size"],
+           "median_s": line["ms_per_step_median"] / 1e3, "images_per_s": line["images_per_s"],
+           "peak_memory_gib": line.get("peak_mem_allocated_gib"), "source": path, "device": line["device"],
+           "precision": config.get("precision"), "compile": config.get("compile"),
+           "skipped_optimizer_steps_timed": line.get("skipped_optimizer_steps_timed")}
+    try:
+        flops_per_image = reference_flops_per_image(kind, model, model == "tiny")
+    except Exception:  # noqa: BLE001 - MFU is optional
+        flops_per_image = None
+    if flops_per_image:
+        row["tflop_per_step"] = flops_per_image * row["batch"] / 1e12
+        if peak_tflops:
+            row["mfu"] = flops_per_image * row["images_per_s"] / (peak_tflops * 1e12)
+    return row
+
+
+def add_official_speedups(rows, official):
+    """Each of our rows of the official setup (same step, model, batch) gets its images/s
+    over the official step's, measured on the same device."""
+    for row in rows:
+        same_setup = all(row.get(key) == official[key] for key in ("step", "model", "batch"))
+        if row.get("section") == "steps" and "images_per_s" in row and row["variant"] != "official" and same_setup:
+            row["speedup_vs_official"] = row["images_per_s"] / official["images_per_s"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,7 +431,16 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak for MFU (H100 measured)")
+    parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
+                        help="bf16 dense rate for MFU (790: measured on the H100s)")
+    parser.add_argument("--official-result", default=None, metavar="PATH",
+                        help="JSONL of official_step_bench.py --out: adds the official step to the table and "
+                             "speedup_vs_official to our rows of the same setup and batch")
+    parser.add_argument("--count-syncs", action="store_true",
+                        help="count the host synchronisations of one step of each variant (prints "
+                             "'host syncs per step: <step>/<variant> <N>')")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="count the reference step's FLOPs per image on the meta device, print, exit")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, under two minutes")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of the compiled variants and baselines (default inductor; "
@@ -308,6 +459,27 @@ def main(argv=None):
     if args.smoke:
         args.batch, args.warmup, args.iters = 2, 1, 1
         args.models = "tiny"
+    if args.count_flops:
+        for kind in args.steps.split(","):
+            for model_name in args.models.split(","):
+                counted = count_reference_flops(kind, model_name, args.smoke, args.batch) / args.batch
+                fixed = FIXED_FLOPS_PER_IMAGE.get((kind, "tiny" if args.smoke else model_name))
+                print(f"{kind} {model_name}: {counted:.4g} FLOP per image (reference path, batch {args.batch})"
+                      + (f"; FIXED_FLOPS_PER_IMAGE {fixed:.4g}" if fixed else ""))
+        return []
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    official = None
+    if args.official_result:
+        if "steps" not in sections:
+            parser.error("--official-result needs the steps section")
+        try:  # checked before anything is built or timed
+            official = load_official_result(args.official_result, args, device_name)
+        except ValueError as error:
+            parser.error(str(error))
+    if device.type == "cuda":
+        # The VAE's, LPIPS's and the discriminator's convolutions run at fixed shapes: let
+        # cuDNN time its algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     rows = []
     if "kernels" in sections:
         import bench_ops
@@ -324,6 +496,11 @@ def main(argv=None):
             # the fast path's plumbing with the ops' PyTorch references.
             os.environ["REPA_E_FAST_OPS"] = "torch"
         rows += measure_steps(args, device)
+        if official is not None:
+            official = official_row(official, args.official_result,
+                                    args.peak_tflops if device.type == "cuda" else None)
+            rows.append(official)
+            add_official_speedups(rows, official)
     print_table(rows)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -380,7 +557,7 @@ def print_table(rows):
     steps = [r for r in rows if r.get("section") == "steps"]
     if steps:
         print(f"\n{'step':<6} {'model':<9} {'variant':<13} {'img/s':>8} {'ms':>8} {'x ref':>6} {'x comp':>6} "
-              f"{'MFU':>6} {'TFLOP':>7} {'peak GiB':>9}")
+              f"{'x off':>6} {'MFU':>6} {'TFLOP':>7} {'peak GiB':>9}")
         for r in steps:
             if "error" in r:
                 print(f"{r['step']:<6} {r['model']:<9} {r['variant']:<13} ERROR {r['error']}")
@@ -390,7 +567,8 @@ def print_table(rows):
             memory = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else "-"
             print(f"{r['step']:<6} {r['model']:<9} {r['variant']:<13} {r['images_per_s']:>8.1f} "
                   f"{1e3 * r['median_s']:>8.1f} {_ratio(r.get('speedup_vs_reference')):>6} "
-                  f"{_ratio(r.get('speedup_vs_compile')):>6} {mfu:>6} {tflop:>7} {memory:>9}")
+                  f"{_ratio(r.get('speedup_vs_compile')):>6} {_ratio(r.get('speedup_vs_official')):>6} "
+                  f"{mfu:>6} {tflop:>7} {memory:>9}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,9 @@ def setup_runtime(config: TrainConfig, launcher_local_rank: Optional[int]) -> Ru
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
         torch.backends.cudnn.allow_tf32 = config.allow_tf32
+        # Fixed shapes every step (VAE, LPIPS, discriminator convolutions): let cuDNN pick
+        # the fastest algorithm once. Same numerics class as TF32 on/off: cuDNN's choice.
+        torch.backends.cudnn.benchmark = True
     comm = "nccl" if device.type == "cuda" else "gloo"
     if backend == "deepspeed":
         for key, value in (("RANK", "0"), ("LOCAL_RANK", str(local_rank)), ("WORLD_SIZE", "1"),
@@ -230,8 +233,10 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, torch.nn.Mo
         vae.to(memory_format=torch.channels_last)
         loss_fn.to(memory_format=torch.channels_last)
     if config.compile:
-        for module in models.values():
-            module.compile()  # in place: state-dict keys stay the official ones
+        # In place, so state-dict keys stay the official ones and the step's frozen calls
+        # (the SiT's align pass through functional_call) run the compiled module too.
+        for module in list(models.values()) + list(encoders):
+            module.compile()
     return {"encoders": encoders, "ema": ema, **models}
 
 

@@ -27,9 +27,8 @@ def test_throughput_smoke(tmp_path):
     assert all(r["images_per_s"] > 0 and r["tflop_per_step"] > 0 for r in steps)
     for step in ("repae", "ldm"):
         rows = {r["variant"]: r for r in steps if r["step"] == step}
-        # The compiled variants run the same math: their FLOPs are their eager twins' count.
-        assert rows["compile"]["tflop_per_step"] == rows["reference"]["tflop_per_step"]
-        assert rows["fast_compile"]["tflop_per_step"] == rows["fast"]["tflop_per_step"]
+        # Every variant is scored with the reference path's FLOP count (issue 15).
+        assert len({r["tflop_per_step"] for r in rows.values()}) == 1
         assert rows["compile"]["compile_backend"] == "aot_eager" and rows["compile"]["warmup_steps"] == 3
         ratio = rows["fast"]["images_per_s"] / rows["reference"]["images_per_s"]
         assert abs(rows["fast"]["speedup_vs_reference"] - ratio) < 1e-9

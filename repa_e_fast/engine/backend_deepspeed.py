@@ -29,7 +29,7 @@ import contextlib
 import copy
 import json
 import pathlib
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -282,7 +282,8 @@ class DeepSpeedBackend:
         grads = [p.grad for p in self.modules[name].parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
-    def step(self, name: str) -> None:
+    def step(self, name: str, overflow: bool = False) -> None:
+        # ``overflow`` is not needed: ZeRO finds an fp16 overflow itself inside step().
         engine = self.models[name]
         engine.step()
         self._done.add(name)
@@ -300,11 +301,10 @@ class DeepSpeedBackend:
         norm = self.models[name].get_global_grad_norm()
         return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
 
-    def all_finite(self, values: Sequence[torch.Tensor]) -> bool:
-        bad = any(not bool(torch.isfinite(v.detach()).all()) for v in values)
-        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
-        dist.all_reduce(flag)
-        return flag.item() == 0.0
+    def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        flags = flags.to(self.device, copy=True)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
 
     def end_micro_step(self) -> None:
         for name, engine in self.models.items():

@@ -4,18 +4,21 @@ Per model name ("sit", "vae", "disc") the step calls:
 
   backward(name, loss)              scale (fp16) and accumulate gradients
   clip_grad_norm(name, max_norm)    on a synchronising micro-step: unscale, clip, return the
-                                    norm BEFORE clipping (all ranks agree); None when the
-                                    backend only learns the norm inside ``step`` (DeepSpeed)
-  step(name) / skip(name)           apply / drop the accumulated gradients (sync steps)
+                                    norm BEFORE clipping as a device tensor (all ranks agree;
+                                    no host read); None when the backend only learns the norm
+                                    inside ``step`` (DeepSpeed ZeRO)
+  step(name, overflow) / skip(name) apply / drop the accumulated gradients (sync steps);
+                                    ``overflow``: fp16, that model's norm was non-finite
   grad_norm_after_step(name)        the norm a backend computed inside ``step``, else None
 
-plus ``autocast()``, ``sync_step``, ``end_micro_step()``, ``all_finite(tensors)`` (True only
-when every value is finite on EVERY rank, so all ranks skip together) and
-``unwrap(name)``. Single process and DDP live here, DeepSpeed in ``backend_deepspeed.py``.
+plus ``autocast()``, ``sync_step``, ``end_micro_step()``, ``any_rank(flags)`` (the
+element-wise maximum of a float flag vector over ranks, on the device, so all ranks skip
+together) and ``unwrap(name)``. Single process and DDP live here, DeepSpeed in
+``backend_deepspeed.py``.
 """
 
 import contextlib
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -94,7 +97,6 @@ class SingleProcessBackend:
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.device = device or next(iter(models.values())).parameters().__next__().device
         self.scaler = SharedLossScaler() if precision == "fp16" else None
-        self._found_inf: Dict[str, bool] = {}
         self.micro_step = 0
 
     # -- the interface used by the step ---------------------------------------------------
@@ -130,22 +132,22 @@ class SingleProcessBackend:
         if self.scaler is not None:
             torch._foreach_mul_(grads, 1.0 / self.scaler.get_scale())
         params = [p for p in self.modules[name].parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self._found_inf[name] = not bool(torch.isfinite(norm))
-        return norm
+        # No host read. On CPU and CUDA torch's default is the multi-tensor path (one norm
+        # kernel and one scale per dtype, not two launches per parameter; the per-tensor loop
+        # only on devices without foreach kernels, e.g. meta for FLOP counting). A non-finite
+        # norm scales by NaN; the step then skips (or, fp16, drops) these gradients.
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def step(self, name: str) -> None:
-        found_inf = self._found_inf.pop(name, False)
+    def step(self, name: str, overflow: bool = False) -> None:
         if self.scaler is not None:
-            if not found_inf:
+            if not overflow:
                 self.optimizers[name].step()
-            self.scaler.update(found_inf)
+            self.scaler.update(overflow)
         else:
             self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
 
     def skip(self, name: str) -> None:
-        self._found_inf.pop(name, None)
         self.optimizers[name].zero_grad(set_to_none=True)
 
     def grad_norm_after_step(self, name: str) -> Optional[torch.Tensor]:
@@ -154,8 +156,8 @@ class SingleProcessBackend:
     def zero_grad(self, name: str) -> None:
         self.optimizers[name].zero_grad(set_to_none=True)
 
-    def all_finite(self, values: Sequence[torch.Tensor]) -> bool:
-        return all(bool(torch.isfinite(v.detach()).all()) for v in values)
+    def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        return flags
 
     def end_micro_step(self) -> None:
         self.micro_step += 1
@@ -234,10 +236,10 @@ class DDPBackend(SingleProcessBackend):
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def all_finite(self, values: Sequence[torch.Tensor]) -> bool:
-        bad = torch.tensor([0.0 if super(DDPBackend, self).all_finite(values) else 1.0], device=self.device)
-        dist.all_reduce(bad, group=self.process_group)
-        return bad.item() == 0.0
+    def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        flags = flags.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
+        return flags
 
     def end_micro_step(self) -> None:
         super().end_micro_step()

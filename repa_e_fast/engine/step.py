@@ -20,10 +20,11 @@ Everything device- or precision-specific goes through the backend (``backends.py
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.func import functional_call
 
 from ..models.vae import preprocess_images_for_vae
@@ -63,49 +64,80 @@ def encoder_targets(encoders: Sequence[nn.Module], images: torch.Tensor) -> List
 class _UpdateMixin:
     """Fault handling and the update of several models at the end of a step.
 
-    A non-finite loss (checked on every rank before its backward) or, outside fp16, a
-    non-finite gradient norm makes the step skip the optimizer update of every model and
-    the EMA update; ``last_fault`` names what went bad and the trainer counts it. Under fp16
-    a non-finite gradient norm is a loss-scale overflow: the scaler skips that optimizer
-    only, as in the official run."""
+    A non-finite loss or, outside fp16, a non-finite gradient norm makes the step skip the
+    optimizer update of every model and the EMA update; ``last_fault`` names what went bad
+    and the trainer counts it. Under fp16 a non-finite gradient norm is a loss-scale
+    overflow: the scaler skips that optimizer only, as in the official run.
+
+    No check reads a value on the host while the step runs: every loss and norm leaves a
+    finite flag on the device (``_watch``), and ``_resolve`` reads all flags with ONE
+    host read, after every forward, backward and clipping of the step is queued. Every
+    backward therefore runs, also after a bad loss (its gradients are dropped); the
+    forwards' buffer updates (BatchNorm running statistics, LeCam averages) are put back
+    on a fault, so a NaN reaching a train-mode BatchNorm cannot poison later steps."""
 
     last_fault: Optional[str] = None
     inject_fault: Optional[str] = None  # tests: the name of a loss to treat as NaN
 
-    def _check_finite(self, name: str, value: torch.Tensor) -> bool:
-        if name == self.inject_fault:
-            value = value.detach() * float("nan")
-        if self.backend.all_finite([value]):
-            return True
-        self.last_fault = name
-        return False
+    def _begin(self, names: Sequence[str]) -> None:
+        self.last_fault = None
+        self._flags: List[Tuple[str, torch.Tensor]] = []
+        self._buffers = [b for name in names for b in self.backend.unwrap(name).buffers()]
+        self._saved_buffers = [b.detach().clone() for b in self._buffers]
 
-    def _give_up(self, logs, names: Sequence[str]):
-        # The gradients every model accumulated in this window are dropped, on every rank
-        # (all_finite agreed on the fault), so no backend carries a partial window over.
+    def _watch(self, name: str, value: torch.Tensor) -> None:
+        """Remember on the device whether ``value`` is non-finite (no host read)."""
+        value = value.detach()
+        if name == self.inject_fault:
+            value = value * float("nan")
+        self._flags.append((name, torch.isfinite(value).all().logical_not()))
+
+    def _resolve(self, norms: Dict[str, Optional[torch.Tensor]]) -> Tuple[List[str], Dict[str, bool]]:
+        """The step's single host read: the non-finite losses, and per model whether its
+        gradient norm is non-finite. Every rank gets the same answer (``any_rank``)."""
+        for name, norm in norms.items():
+            if norm is not None:
+                self._watch(f"grad_norm_{name}", norm)
+        flags = self.backend.any_rank(torch.stack([flag for _, flag in self._flags]).float())
+        if flags.device.type == "meta" or is_fake(flags):
+            values = [0.0] * len(self._flags)  # shape-only runs (FLOP / memory counting) have no values
+        else:
+            values = flags.tolist()
+        bad = {name: value != 0.0 for (name, _), value in zip(self._flags, values)}
+        losses = [name for name, value in bad.items() if value and not name.startswith("grad_norm_")]
+        return losses, {name: bad[f"grad_norm_{name}"] for name, norm in norms.items() if norm is not None}
+
+    def _give_up(self, fault: Sequence[str], names: Sequence[str]) -> None:
+        # Every model drops the gradients of its window, on every rank (the flags were
+        # agreed), so no backend carries a partial window over.
+        self.last_fault = ", ".join(fault)
+        if self._buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self._buffers, self._saved_buffers)
         for name in names:
             self.backend.skip(name)
-        self.backend.end_micro_step()
-        return logs
 
-    def _update(self, logs, names: Sequence[str]) -> None:
+    def _finish(self, logs, names: Sequence[str]) -> None:
+        """Clip and update every model (sync micro-steps) or only check the losses."""
         backend, config = self.backend, self.config
-        norms = {name: backend.clip_grad_norm(name, config.max_grad_norm) for name in names}
-        if getattr(backend, "checks_grad_norm", True):
-            bad = [f"grad_norm_{name}" for name, norm in norms.items()
-                   if norm is not None and not bool(torch.isfinite(norm))]
-            if bad:
-                self.last_fault = ", ".join(bad)
-                for name in names:
-                    backend.skip(name)
-                logs.update({f"grad_norm_{name}": norm.detach() for name, norm in norms.items() if norm is not None})
-                return
-        for name in names:
-            backend.step(name)
-            norm = norms[name] if norms[name] is not None else backend.grad_norm_after_step(name)
-            if norm is not None:
-                logs[f"grad_norm_{name}"] = norm.detach()
-        update_ema(self.ema, backend.unwrap("sit"), config.ema_decay)
+        norms = ({name: backend.clip_grad_norm(name, config.max_grad_norm) for name in names}
+                 if backend.sync_step else {})
+        bad_losses, bad_norms = self._resolve(norms)
+        if not bad_losses:  # the norms of a bad loss's gradients are not logged
+            logs.update({f"grad_norm_{name}": norm.detach() for name, norm in norms.items() if norm is not None})
+        if bad_losses:
+            self._give_up(bad_losses, names)
+        elif getattr(backend, "checks_grad_norm", True) and any(bad_norms.values()):
+            self._give_up([f"grad_norm_{name}" for name, bad in bad_norms.items() if bad], names)
+        elif backend.sync_step:
+            for name in names:
+                backend.step(name, overflow=bad_norms.get(name, False))
+                if norms[name] is None:
+                    norm = backend.grad_norm_after_step(name)
+                    if norm is not None:
+                        logs[f"grad_norm_{name}"] = norm.detach()
+            update_ema(self.ema, backend.unwrap("sit"), config.ema_decay)
+        backend.end_micro_step()
 
 
 class REPAEStep(_UpdateMixin):
@@ -146,7 +178,7 @@ class REPAEStep(_UpdateMixin):
         sit_module = backend.unwrap("sit")
         logs: Dict[str, torch.Tensor] = {}
         intermediate: Dict[str, object] = {}
-        self.last_fault = None
+        self._begin(("vae", "disc", "sit"))
 
         if images.dtype != torch.uint8:
             raise TypeError(f"images must be uint8 [B,3,H,W], got {images.dtype}")
@@ -169,8 +201,7 @@ class REPAEStep(_UpdateMixin):
         vae_total = vae_loss + config.vae_align_proj_coeff * align["proj_loss"].mean()
         logs.update(vae_loss=vae_total.detach(), vae_align_loss=align["proj_loss"].detach(),
                     **{k: v.detach() for k, v in vae_loss_dict.items() if k != "total_loss"})
-        if not self._check_finite("vae_loss", vae_total):
-            return self._give_up(logs, ("vae", "disc", "sit"))
+        self._watch("vae_loss", vae_total)
         if keep_intermediate:
             z.retain_grad()
             posterior.parameters.retain_grad()
@@ -187,8 +218,7 @@ class REPAEStep(_UpdateMixin):
         d_loss, d_loss_dict = loss_fn(processed, recon.detach(), posterior, global_step, "discriminator")
         logs.update(d_loss=d_loss.detach(),
                     **{k: v.detach() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
-        if not self._check_finite("d_loss", d_loss):
-            return self._give_up(logs, ("vae", "disc", "sit"))
+        self._watch("d_loss", d_loss)
         backend.backward("disc", d_loss)
 
         # (C) SiT on the detached latent, train mode, same t and noise as (A) (R3).
@@ -199,8 +229,7 @@ class REPAEStep(_UpdateMixin):
         denoising = out["denoising_loss"].mean()
         sit_loss = denoising + config.proj_coeff * out["proj_loss"].mean()
         logs.update(sit_loss=sit_loss.detach(), denoising_loss=denoising.detach(), proj_loss=out["proj_loss"].detach())
-        if not self._check_finite("sit_loss", sit_loss):
-            return self._give_up(logs, ("vae", "disc", "sit"))
+        self._watch("sit_loss", sit_loss)
         backend.backward("sit", sit_loss)
         if keep_intermediate:
             intermediate["sit_grads_before_clip"] = {n: p.grad.clone() for n, p in sit_module.named_parameters()
@@ -210,9 +239,7 @@ class REPAEStep(_UpdateMixin):
         # reconstruction from before the VAE step, C the detached latent), so applying the
         # three updates here, after all backward passes, gives the official numbers and lets
         # a fault anywhere skip the update of EVERY model.
-        if backend.sync_step:
-            self._update(logs, ("vae", "disc", "sit"))
-        backend.end_micro_step()
+        self._finish(logs, ("vae", "disc", "sit"))
 
         if keep_intermediate:
             intermediate.update(
@@ -240,7 +267,7 @@ class LDMStep(_UpdateMixin):
                  images: Optional[torch.Tensor] = None, latent_noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         backend, config = self.backend, self.config
         sit, sit_module = backend.models["sit"], backend.unwrap("sit")
-        self.last_fault = None
+        self._begin(("sit",))
         if zs is None:
             if images is None:
                 raise ValueError("LDMStep needs either encoder targets zs or the uint8 images to compute them")
@@ -257,10 +284,7 @@ class LDMStep(_UpdateMixin):
         denoising = out["denoising_loss"].mean()
         sit_loss = denoising + config.proj_coeff * out["proj_loss"].mean()
         logs = dict(sit_loss=sit_loss.detach(), denoising_loss=denoising.detach(), proj_loss=out["proj_loss"].detach())
-        if not self._check_finite("sit_loss", sit_loss):
-            return self._give_up(logs, ("sit",))
+        self._watch("sit_loss", sit_loss)
         backend.backward("sit", sit_loss)
-        if backend.sync_step:
-            self._update(logs, ("sit",))
-        backend.end_micro_step()
+        self._finish(logs, ("sit",))
         return logs
