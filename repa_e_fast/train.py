@@ -336,20 +336,35 @@ def load_checkpoint(path: Path, config, runtime, models, backend, loader) -> Pro
     return Progress(**trainer["progress"])
 
 
-def init_from_official(path: str, runtime, models, backend) -> Progress:
-    """Start from an official single-file checkpoint (weights, optimizers when present, steps)."""
-    from repa_e_fast.models.checkpoints import load_state_dict_file, load_state_dict_strict
+def init_from_official(path: str, config, runtime, models, backend) -> Progress:
+    """Start from an official single-file checkpoint: the weights the run trains, the Adam
+    states when present (under DeepSpeed, into ZeRO's partitions) and the step. An LDM-only
+    run reads only the SiT's entries: official LDM-only checkpoints have no vae/discriminator."""
+    import argparse
 
-    load_state_dict_strict(backend.unwrap("sit"), load_state_dict_file(path, "model"), f"SiT from {path}")
-    load_state_dict_strict(models["ema"], load_state_dict_file(path, "ema"), f"EMA from {path}")
-    load_state_dict_strict(backend.unwrap("vae"), load_state_dict_file(path, "vae"), f"VAE from {path}")
-    load_state_dict_strict(backend.unwrap("disc").discriminator, load_state_dict_file(path, "discriminator"),
-                           f"discriminator from {path}")
-    full = torch.load(path, map_location="cpu", weights_only=False)
-    if all(k in full for k in ("opt", "opt_vae", "opt_disc")) and isinstance(backend, SingleProcessBackend):
-        backend.load_state_dict({"optimizers": {"sit": full["opt"], "vae": full["opt_vae"], "disc": full["opt_disc"]}})
+    from repa_e_fast.models.checkpoints import load_state_dict_strict, strip_wrapper_prefixes
+
+    with torch.serialization.safe_globals([argparse.Namespace]):  # official "args" (Q19)
+        full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    # model name -> (weights entry, optimizer entry, module to load)
+    parts = {"sit": ("model", "opt", backend.unwrap("sit"))}
+    if config.train_mode == "repae":
+        parts.update(vae=("vae", "opt_vae", backend.unwrap("vae")),
+                     disc=("discriminator", "opt_disc", backend.unwrap("disc").discriminator))
+    missing = [key for key in ["ema"] + [weights for weights, _, _ in parts.values()] if key not in full]
+    if missing:
+        hint = " (an LDM-only checkpoint starts only --train-mode ldm)" if "vae" in missing else ""
+        raise ConfigError(f"--init-from {path} has no {missing} entries{hint}; it has {sorted(full)}")
+    for name, (weights, _, module) in parts.items():
+        load_state_dict_strict(module, strip_wrapper_prefixes(full[weights]), f"{name} from {path}")
+    load_state_dict_strict(models["ema"], strip_wrapper_prefixes(full["ema"]), f"EMA from {path}")
+    optimizers = {name: full[opt] for name, (_, opt, _) in parts.items() if opt in full}
+    if len(optimizers) < len(parts):
+        log(runtime, f"{path}: optimizer states not loaded (absent); Adam restarts")
+    elif runtime.backend == "deepspeed":
+        backend.load_full_optimizer_state_dicts(optimizers)
     else:
-        log(runtime, f"{path}: optimizer states not loaded (absent, or a DeepSpeed run); Adam restarts")
+        backend.load_state_dict({"optimizers": optimizers})
     return Progress(step=int(full.get("steps", 0)))
 
 
@@ -447,7 +462,7 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
         progress = load_checkpoint(resume_from, config, runtime, models, backend, loader)
         log(runtime, f"resumed from {resume_from} at step {progress.step}")
     elif config.init_from:
-        progress = init_from_official(config.init_from, runtime, models, backend)
+        progress = init_from_official(config.init_from, config, runtime, models, backend)
         log(runtime, f"initialised from {config.init_from} (step {progress.step})")
     else:
         progress = Progress()
