@@ -115,6 +115,7 @@ class TrainConfig:
     attn_backend: str = "sdpa"
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: str = ""  # comma list of: sit, vae (activation checkpointing per block)
     sync_discriminator_bn: bool = False  # global-batch BN in the discriminator (the official D uses per-rank statistics)
     device: Optional[str] = None  # default: cuda:<local_rank> when available, else cpu
 
@@ -193,6 +194,7 @@ RANGES = {
     "resume_step": (0, None, True, False),
 }
 REPORT_TARGETS = ("jsonl", "tensorboard", "wandb")
+GRAD_CHECKPOINT_TARGETS = ("sit", "vae")
 TYPE_HINTS = get_type_hints(TrainConfig)
 
 
@@ -384,6 +386,10 @@ def validate_values(config: TrainConfig) -> None:
     unknown = [t for t in targets if t not in REPORT_TARGETS]
     if unknown or not targets:
         raise ConfigError(f"report_to must be a comma list of {', '.join(REPORT_TARGETS)}, got {config.report_to!r}")
+    checkpointed = [t.strip() for t in config.grad_checkpointing.split(",") if t.strip()]
+    if any(t not in GRAD_CHECKPOINT_TARGETS for t in checkpointed):
+        raise ConfigError(f"grad_checkpointing must be a comma list of {', '.join(GRAD_CHECKPOINT_TARGETS)}, "
+                          f"got {config.grad_checkpointing!r}")
     factor = VAE_DOWNSAMPLING[config.vae]
     if config.resolution % factor:
         raise ConfigError(f"resolution {config.resolution} is not a multiple of the {config.vae} VAE's "

@@ -158,6 +158,11 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, torch.nn.Mo
 
     vae = build_vae(config.vae, ch=config.vae_ch, fused_ops=config.fused_ops)
     ldm = config.train_mode == "ldm"
+    if config.grad_checkpointing:  # after the EMA copy: only the trained models recompute
+        from repa_e_fast.models.checkpointing import enable_grad_checkpointing
+
+        enable_grad_checkpointing([t.strip() for t in config.grad_checkpointing.split(",") if t.strip()],
+                                  sit=sit, vae=None if ldm else vae)
     if config.vae_ckpt:
         load_weights(vae, config.vae_ckpt, name=f"VAE {config.vae}")
         stats = load_latents_stats(config.latents_stats_path())
