@@ -62,7 +62,7 @@ setup(
         "logging": ["tensorboard", "wandb"],
         # CI installs everything the tests exercise on a CPU: DeepSpeed (CPU accelerator),
         # DALI (CPU-only pipelines), h5py (the official images.h5 layout).
-        "test": ["pytest", "pytest-timeout", "deepspeed", "nvidia-dali-cuda120", "h5py"],
+        "test": ["pytest", "pytest-timeout", "deepspeed", "nvidia-dali-cuda120", "h5py", "tensorboard", "wandb"],
     },
     entry_points={"console_scripts": [
         "repa-e-parity=repa_e_fast.parity:main",

@@ -386,6 +386,9 @@ def validate_values(config: TrainConfig) -> None:
     unknown = [t for t in targets if t not in REPORT_TARGETS]
     if unknown or not targets:
         raise ConfigError(f"report_to must be a comma list of {', '.join(REPORT_TARGETS)}, got {config.report_to!r}")
+    if not config.fused_attn and config.attn_backend not in ("sdpa", "math"):
+        raise ConfigError(f"--no-fused-attn (the explicit attention formula) conflicts with attn_backend "
+                          f"{config.attn_backend!r}, a fused kernel")
     checkpointed = [t.strip() for t in config.grad_checkpointing.split(",") if t.strip()]
     if any(t not in GRAD_CHECKPOINT_TARGETS for t in checkpointed):
         raise ConfigError(f"grad_checkpointing must be a comma list of {', '.join(GRAD_CHECKPOINT_TARGETS)}, "

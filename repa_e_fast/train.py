@@ -63,9 +63,15 @@ class Runtime:
         return self.rank == 0
 
 
+_log_file = None  # <experiment>/log.txt on rank 0, opened by train(): what stdout shows
+
+
 def log(runtime: Runtime, message: str) -> None:
     if runtime.is_main:
         print(f"[repa_e_fast] {message}", flush=True)
+        if _log_file is not None:
+            _log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [repa_e_fast] {message}\n")
+            _log_file.flush()
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,6 +259,7 @@ class Progress:
     skipped_steps: int = 0
     consecutive_faults: int = 0
     images_seen: int = 0
+    wandb_run_id: Optional[str] = None  # a resumed run continues the same W&B run
 
 
 def official_payload(config, models, backend, progress: Progress, with_optimizers=True) -> dict:
@@ -434,6 +441,7 @@ def reduce_logs(logs: Dict[str, torch.Tensor], runtime: Runtime) -> Dict[str, fl
 
 
 def train(config: TrainConfig, runtime: Runtime) -> int:
+    global _log_file
     micro_batch = validate_world(config, runtime.world_size)
     validate_files(config)
     seed_everything(config.seed + runtime.rank)
@@ -443,6 +451,7 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
         import json
 
         (experiment / "args.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+        _log_file = open(experiment / "log.txt", "a", encoding="utf-8")
     if config.train_mode == "ldm":
         from repa_e_fast.data.cached_latents import CachedLatentLoader
 
@@ -472,7 +481,10 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
     else:
         progress = Progress()
     logger = MetricsLogger(experiment, config.report_to, config.to_dict(), config.wandb_project, config.exp_name,
-                           resume=resume_from is not None) if runtime.is_main else None
+                           resume=resume_from is not None, wandb_run_id=progress.wandb_run_id,
+                           resume_step=progress.step) if runtime.is_main else None
+    if logger is not None:
+        progress.wandb_run_id = logger.wandb_run_id
     if logger is not None and resume_from is not None:
         logger.truncate_after(progress.step)
 
@@ -561,6 +573,9 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
             bar.close()
         if logger is not None:
             logger.close()
+        if _log_file is not None:
+            _log_file.close()
+            _log_file = None
     return EXIT_OK
 
 
