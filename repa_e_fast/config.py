@@ -54,6 +54,9 @@ class TrainConfig:
     resume: Optional[str] = None  # None, "auto" (latest good checkpoint) or a checkpoint directory
     resume_step: int = 0  # official flag: resume from <output>/<exp>/checkpoints/<step:07d>
     init_from: Optional[str] = None  # an official single-file checkpoint to start from (weights + optimizers)
+    continue_train_exp_dir: Optional[str] = None  # official: the run directory --resume-step reads
+    logging_dir: str = "logs"  # official flag, accepted; our TensorBoard / W&B / log.txt are in the run folder
+    wandb_history_path: Optional[str] = None  # official flag, accepted; the official script never reads it
     max_consecutive_faults: int = 20
     fault_injection: Optional[Dict[str, Any]] = None  # tests only: {loss: sit_loss, steps: [..], count: 1}
     # -- model --------------------------------------------------------------------------
@@ -463,8 +466,33 @@ def validate_world(config: TrainConfig, world_size: int) -> int:
     return config.batch_size // per_step
 
 
+def resolve_resume_step(config: TrainConfig) -> None:
+    """The official ``--resume-step N [--continue-train-exp-dir DIR]`` (DIR: default this run's
+    folder): our checkpoint ``DIR/checkpoints/<N:07d>/`` is resumed exactly (``resume``); an
+    official run's single file ``DIR/checkpoints/<N:07d>.pt`` starts the run as ``init_from``
+    (weights, Adam states, step: all the official file holds)."""
+    if not config.resume_step:
+        if config.continue_train_exp_dir:
+            raise ConfigError("continue_train_exp_dir needs resume_step (the checkpoint's step in that directory)")
+        return
+    if config.resume:
+        return  # --resume names the checkpoint itself
+    directory = Path(config.continue_train_exp_dir or config.experiment_dir) / "checkpoints"
+    ours, official = directory / f"{config.resume_step:07d}", directory / f"{config.resume_step:07d}.pt"
+    if ours.is_dir():
+        config.resume = str(ours)
+    elif official.is_file():
+        if config.init_from:
+            raise ConfigError(f"resume_step {config.resume_step} ({official}) and init_from {config.init_from} both "
+                              "name a starting point: give one")
+        config.init_from, config.resume_step = str(official), 0
+    else:
+        raise ConfigError(f"resume_step {config.resume_step}: neither {ours}/ nor {official} exists")
+
+
 def validate_files(config: TrainConfig) -> None:
     """Every file the run will read, checked up front."""
+    resolve_resume_step(config)
     def need(path: Optional[str], what: str, hint: str = "") -> None:
         if path and not os.path.exists(path):
             raise ConfigError(f"{what} not found: {path}{hint}")
