@@ -83,6 +83,7 @@ class TrainConfig:
     # -- data ---------------------------------------------------------------------------
     data_dir: str = "data"
     latents_path: Optional[str] = None  # LDM mode: the directory written by repa_e_fast.cache_latents
+    vae_latents_name: Optional[str] = None  # official: latents_path defaults to <data_dir>/<vae_latents_name>
     demo_dataset: bool = False  # generate the embedded demo dataset and train on it
     resolution: int = 256
     batch_size: int = 256  # GLOBAL batch (all ranks, one micro-step)
@@ -364,6 +365,8 @@ def make_config(values: Dict[str, Any]) -> TrainConfig:
     if coerced.get("model_overrides"):
         check_model_overrides(coerced["model_overrides"])
     config = TrainConfig(**coerced)
+    if config.vae_latents_name and not config.latents_path:  # the official train_ldm_only.py layout
+        config.latents_path = os.path.join(config.data_dir, config.vae_latents_name)
     validate_values(config)
     validate_environment(config)
     return config
