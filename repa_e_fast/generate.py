@@ -460,6 +460,10 @@ def setup_distributed() -> Tuple[int, int, torch.device]:
 
 def check_options(options) -> None:
     """Flag errors, before anything is read from disk."""
+    if options.label_sampling == "random" and options.class_balanced:
+        raise ValueError("--label-sampling random contradicts --class-balanced")
+    if options.label_sampling == "equal":
+        options.class_balanced = True
     if bool(options.ckpt) == bool(options.exp_path):
         raise ValueError("give either --ckpt FILE or --exp-path DIR --train-steps N")
     if options.exp_path and options.train_steps is None:
@@ -506,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--class-balanced", action="store_true",
                           help="exactly num_fid_samples / num_classes images per class, shuffled "
                           "(default: uniform random labels, as in the spec's official script)")
+    sampling.add_argument("--label-sampling", default=None, choices=["equal", "random"],
+                          help="the later official flag: equal = --class-balanced, random = uniform labels")
     output = parser.add_argument_group("output and precision")
     output.add_argument("--sample-dir", default="samples")
     output.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,

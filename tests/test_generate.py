@@ -320,3 +320,16 @@ def test_samples_of_another_checkpoint_are_never_reused(run_files, tmp_path, cap
 def test_projector_widths_of_every_encoder_family():
     assert generate.encoder_dims("jepa-vit-h,clip-vit-L,mocov3-vit-b,mae-vit-l,dinov2-vit-b") == [
         1280, 1024, 768, 1024, 768]
+
+
+def test_official_generate_command_line_and_label_sampling(run_files, tmp_path, capsys):
+    """The official README's generate.py flags, unchanged (a smaller run: fewer samples and steps
+    appended, later flags win); --label-sampling equal is --class-balanced."""
+    official = ["--num-fid-samples", "50000", "--path-type", "linear", "--mode", "sde", "--num-steps", "250",
+                "--cfg-scale", "1.0", "--guidance-high", "1.0", "--guidance-low", "0.0",
+                "--exp-path", str(run_files.exp), "--train-steps", "5"]
+    small = ["--num-fid-samples", "10", "--num-steps", "1", "--pproc-batch-size", "10", "--sample-dir", str(tmp_path)]
+    assert generate.main(official + small + ["--label-sampling", "equal"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "exp-run_0000005_cfg1.0-0.0-1.0-balanced.npz").is_file()
+    assert generate.main(official + small + ["--label-sampling", "random", "--class-balanced"]) == 2
+    assert "contradicts --class-balanced" in capsys.readouterr().err
