@@ -366,7 +366,9 @@ def make_config(values: Dict[str, Any]) -> TrainConfig:
         check_model_overrides(coerced["model_overrides"])
     config = TrainConfig(**coerced)
     if config.vae_latents_name and not config.latents_path:  # the official train_ldm_only.py layout
-        config.latents_path = os.path.join(config.data_dir, config.vae_latents_name)
+        ours = os.path.join(config.data_dir, config.vae_latents_name)
+        official = ours + ".h5"  # the official cache_latents.py output, read as it is
+        config.latents_path = official if os.path.isfile(official) and not os.path.isdir(ours) else ours
     validate_values(config)
     validate_environment(config)
     return config

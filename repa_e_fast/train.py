@@ -454,9 +454,11 @@ def train(config: TrainConfig, runtime: Runtime) -> int:
         _log_file = open(experiment / "log.txt", "a", encoding="utf-8")
     if config.train_mode == "ldm":
         from repa_e_fast.data.cached_latents import CachedLatentLoader
+        from repa_e_fast.data.official_latents import OfficialLatentLoader
 
-        loader = CachedLatentLoader(config.latents_path, micro_batch, rank=runtime.rank,
-                                    world_size=runtime.world_size, seed=config.seed, device=runtime.device)
+        cls = OfficialLatentLoader if str(config.latents_path).endswith(".h5") else CachedLatentLoader
+        loader = cls(config.latents_path, micro_batch, rank=runtime.rank,
+                     world_size=runtime.world_size, seed=config.seed, device=runtime.device)
     else:
         loader = build_loader(config, runtime, micro_batch)
     log(runtime, f"{runtime.backend} backend, {runtime.world_size} rank(s) on {runtime.device}; "
