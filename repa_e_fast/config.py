@@ -477,7 +477,7 @@ def resolve_resume_step(config: TrainConfig) -> None:
     official run's single file ``DIR/checkpoints/<N:07d>.pt`` starts the run as ``init_from``
     (weights, Adam states, step: all the official file holds)."""
     if not config.resume_step:
-        if config.continue_train_exp_dir:
+        if config.continue_train_exp_dir and not (config.init_from or config.resume):  # not yet resolved
             raise ConfigError("continue_train_exp_dir needs resume_step (the checkpoint's step in that directory)")
         return
     if config.resume:
