@@ -66,8 +66,10 @@ setup(
         "logging": ["tensorboard", "wandb"],
         # CI installs everything the tests exercise on a CPU: DeepSpeed (CPU accelerator),
         # DALI (CPU-only pipelines), h5py (the official images.h5 layout), diffusers (the
-        # ops.patch tests on its real modules; it does not pull torchvision).
-        "test": ["pytest", "pytest-timeout", "deepspeed", "nvidia-dali-cuda120", "h5py", "diffusers==0.42.1"],
+        # ops.patch tests on its real modules; it does not pull torchvision), TensorBoard and
+        # W&B (the logging tests, offline).
+        "test": ["pytest", "pytest-timeout", "deepspeed", "nvidia-dali-cuda120", "h5py", "diffusers==0.42.1",
+                 "tensorboard", "wandb"],
     },
     entry_points={"console_scripts": [
         "repa-e-parity=repa_e_fast.parity:main",

@@ -2,6 +2,8 @@
 
     python -m repa_e_fast.cache_latents --data-dir data --vae f16d32 \\
         --vae-ckpt pretrained/e2e-vavae/e2e-vavae-400k.pt --output data/e2e-vavae-400k
+    python -m repa_e_fast.cache_latents --vae-arch f16d32 --vae-ckpt-path VAE.pt \\
+        --vae-latents-name e2e-vavae --pproc-batch-size 128      (official flags: data/e2e-vavae)
     torchrun --nproc_per_node 8 -m repa_e_fast.cache_latents ...   (ranks split the batches)
 
 Reads the dataset in file order (no shuffle), encodes each image with the VAE in eval mode
@@ -29,11 +31,18 @@ from .models.checkpoints import CheckpointError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repa_e_fast.cache_latents", description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", required=True, help="image dataset (folder, official images.h5, prepared)")
-    parser.add_argument("--output", required=True, help="output directory (latents.rec, images.rec, meta.json)")
-    parser.add_argument("--vae", default="f16d32", choices=("f8d4", "f16d32"))
+    parser.add_argument("--data-dir", default="data",
+                        help="image dataset (folder, official images.h5, prepared); default: data (official)")
+    parser.add_argument("--output", default=None,
+                        help="output directory (latents.rec, images.rec, meta.json); "
+                        "default: <output-dir>/<vae-latents-name>")
+    parser.add_argument("--output-dir", default="data", help="with --vae-latents-name: where the cache goes")
+    parser.add_argument("--vae-latents-name", default=None,
+                        help="official: the cache's name; train with the same --data-dir and --vae-latents-name")
+    parser.add_argument("--vae", "--vae-arch", dest="vae", default="f16d32", choices=("f8d4", "f16d32"))
     parser.add_argument("--vae-ch", type=int, default=128)
-    parser.add_argument("--vae-ckpt", help="VAE state dict (strictly loaded); omit only with --allow-random-vae")
+    parser.add_argument("--vae-ckpt", "--vae-ckpt-path", dest="vae_ckpt",
+                        help="VAE state dict (strictly loaded); omit only with --allow-random-vae")
     parser.add_argument("--allow-random-vae", action="store_true", help="tests and demos: random VAE weights")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--pproc-batch-size", "--batch-size", dest="batch_size", type=int, default=128)
@@ -125,6 +134,12 @@ def _merge_parts(part_dir: Path, world: int, output: Path, count: int) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.output is None:
+        if not args.vae_latents_name:
+            print("error: name the cache: --output DIR, or --vae-latents-name NAME (written to <output-dir>/NAME)",
+                  file=sys.stderr)
+            return 2
+        args.output = os.path.join(args.output_dir, args.vae_latents_name)
     if not args.vae_ckpt and not args.allow_random_vae:
         print("error: --vae-ckpt is required (a VAE state dict, e.g. pretrained/e2e-vavae/e2e-vavae-400k.pt)",
               file=sys.stderr)

@@ -55,6 +55,9 @@ class TrainConfig:
     resume_step: int = 0  # official flag: resume from <output>/<exp>/checkpoints/<step:07d>
     init_from: Optional[str] = None  # an official single-file checkpoint to start from (weights + optimizers)
     overwrite: bool = False  # replace a run already in the output folder (otherwise: --resume auto, or refused)
+    continue_train_exp_dir: Optional[str] = None  # official: the run directory --resume-step reads
+    logging_dir: str = "logs"  # official flag, accepted; our TensorBoard / W&B / log.txt are in the run folder
+    wandb_history_path: Optional[str] = None  # official flag, accepted; the official script never reads it
     max_consecutive_faults: int = 20
     fault_injection: Optional[Dict[str, Any]] = None  # tests only: {loss: sit_loss, steps: [..], count: 1}
     # -- model --------------------------------------------------------------------------
@@ -81,6 +84,7 @@ class TrainConfig:
     # -- data ---------------------------------------------------------------------------
     data_dir: str = "data"
     latents_path: Optional[str] = None  # LDM mode: the directory written by repa_e_fast.cache_latents
+    vae_latents_name: Optional[str] = None  # official: latents_path defaults to <data_dir>/<vae_latents_name>
     demo_dataset: bool = False  # generate the embedded demo dataset and train on it
     resolution: int = 256
     batch_size: int = 256  # GLOBAL batch (all ranks, one micro-step)
@@ -116,6 +120,7 @@ class TrainConfig:
     attn_backend: str = "sdpa"
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: str = ""  # comma list of: sit, vae (activation checkpointing per block)
     sync_discriminator_bn: bool = False  # global-batch BN in the discriminator (the official D uses per-rank statistics)
     device: Optional[str] = None  # default: cuda:<local_rank> when available, else cpu
     dist_timeout: int = 600  # s: collective timeout, and how long a silent peer rank is waited for
@@ -196,6 +201,7 @@ RANGES = {
     "dist_timeout": (1, None, True, False),
 }
 REPORT_TARGETS = ("jsonl", "tensorboard", "wandb")
+GRAD_CHECKPOINT_TARGETS = ("sit", "vae")
 TYPE_HINTS = get_type_hints(TrainConfig)
 
 
@@ -362,6 +368,10 @@ def make_config(values: Dict[str, Any]) -> TrainConfig:
     if coerced.get("model_overrides"):
         check_model_overrides(coerced["model_overrides"])
     config = TrainConfig(**coerced)
+    if config.vae_latents_name and not config.latents_path:  # the official train_ldm_only.py layout
+        ours = os.path.join(config.data_dir, config.vae_latents_name)
+        official = ours + ".h5"  # the official cache_latents.py output, read as it is
+        config.latents_path = official if os.path.isfile(official) and not os.path.isdir(ours) else ours
     validate_values(config)
     validate_environment(config)
     return config
@@ -387,6 +397,13 @@ def validate_values(config: TrainConfig) -> None:
     unknown = [t for t in targets if t not in REPORT_TARGETS]
     if unknown or not targets:
         raise ConfigError(f"report_to must be a comma list of {', '.join(REPORT_TARGETS)}, got {config.report_to!r}")
+    if not config.fused_attn and config.attn_backend not in ("sdpa", "math"):
+        raise ConfigError(f"--no-fused-attn (the explicit attention formula) conflicts with attn_backend "
+                          f"{config.attn_backend!r}, a fused kernel")
+    checkpointed = [t.strip() for t in config.grad_checkpointing.split(",") if t.strip()]
+    if any(t not in GRAD_CHECKPOINT_TARGETS for t in checkpointed):
+        raise ConfigError(f"grad_checkpointing must be a comma list of {', '.join(GRAD_CHECKPOINT_TARGETS)}, "
+                          f"got {config.grad_checkpointing!r}")
     factor = VAE_DOWNSAMPLING[config.vae]
     if config.resolution % factor:
         raise ConfigError(f"resolution {config.resolution} is not a multiple of the {config.vae} VAE's "
@@ -457,8 +474,33 @@ def validate_world(config: TrainConfig, world_size: int) -> int:
     return config.batch_size // per_step
 
 
+def resolve_resume_step(config: TrainConfig) -> None:
+    """The official ``--resume-step N [--continue-train-exp-dir DIR]`` (DIR: default this run's
+    folder): our checkpoint ``DIR/checkpoints/<N:07d>/`` is resumed exactly (``resume``); an
+    official run's single file ``DIR/checkpoints/<N:07d>.pt`` starts the run as ``init_from``
+    (weights, Adam states, step: all the official file holds)."""
+    if not config.resume_step:
+        if config.continue_train_exp_dir and not (config.init_from or config.resume):  # not yet resolved
+            raise ConfigError("continue_train_exp_dir needs resume_step (the checkpoint's step in that directory)")
+        return
+    if config.resume:
+        return  # --resume names the checkpoint itself
+    directory = Path(config.continue_train_exp_dir or config.experiment_dir) / "checkpoints"
+    ours, official = directory / f"{config.resume_step:07d}", directory / f"{config.resume_step:07d}.pt"
+    if ours.is_dir():
+        config.resume = str(ours)
+    elif official.is_file():
+        if config.init_from:
+            raise ConfigError(f"resume_step {config.resume_step} ({official}) and init_from {config.init_from} both "
+                              "name a starting point: give one")
+        config.init_from, config.resume_step = str(official), 0
+    else:
+        raise ConfigError(f"resume_step {config.resume_step}: neither {ours}/ nor {official} exists")
+
+
 def validate_files(config: TrainConfig) -> None:
     """Every file the run will read, checked up front."""
+    resolve_resume_step(config)
     def need(path: Optional[str], what: str, hint: str = "") -> None:
         if path and not os.path.exists(path):
             raise ConfigError(f"{what} not found: {path}{hint}")

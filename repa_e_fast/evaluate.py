@@ -16,7 +16,12 @@ evaluator.py``), which the REPA-E paper uses: ``.npz`` files with ``arr_0`` = ui
 - Precision / recall (k = 3) between the reference images' and the samples' pool features
   (needs ``arr_0`` in the reference; reported as n/a otherwise).
 
-Argument order: samples first, then the reference (ADM's script takes the reference first).
+Which file is which: ``--ref REF.npz --samples SAMPLES.npz`` says it explicitly. Two positional
+files are taken in either order when exactly one of them carries reference statistics
+(``mu``, ``sigma``, ... as every ADM reference batch does), so ADM's ``evaluator.py REF_BATCH
+SAMPLE_BATCH`` command line works unchanged; when neither or both do, the order cannot be
+told and the command refuses (exit 2) rather than silently swapping precision and recall and
+scoring IS on the reference set.
 The Inception network is ``repa_e_fast.metrics.inception`` with weights from a local
 ``pt_inception-2015-12-05-6726825d.pth`` (``--inception`` or ``pretrained/``).
 """
@@ -187,8 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="FID, sFID, Inception Score, precision and recall of a sample .npz against a reference "
         ".npz (ADM evaluation-suite definitions).",
     )
-    parser.add_argument("samples", help="generated samples: .npz with arr_0 = uint8 [N,H,W,3]")
-    parser.add_argument("reference", help="reference batch: .npz with arr_0 images and/or mu, sigma, mu_s, sigma_s")
+    parser.add_argument("files", nargs="*", metavar="NPZ",
+                        help="two .npz files in either order (the one with mu/sigma is the reference); "
+                        "or use --ref / --samples")
+    parser.add_argument("--ref", default=None,
+                        help="reference batch: .npz with arr_0 images and/or mu, sigma, mu_s, sigma_s")
+    parser.add_argument("--samples", default=None, help="generated samples: .npz with arr_0 = uint8 [N,H,W,3]")
     parser.add_argument("--inception", default=None,
                         help="Inception weights file (default: pretrained/pt_inception-2015-12-05-6726825d.pth)")
     parser.add_argument("--batch-size", type=int, default=100, help="images per Inception forward")
@@ -199,12 +208,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def carries_reference_statistics(path: str) -> bool:
+    return "mu" in npz_keys(path)
+
+
+def resolve_inputs(files, ref: Optional[str], samples: Optional[str]):
+    """(samples, reference) from ``--samples`` / ``--ref`` or two positional files in either
+    order; ``ValueError`` (one line) when the roles cannot be told apart."""
+    if ref or samples:
+        if files or not (ref and samples):
+            raise ValueError("give both --ref REF.npz and --samples SAMPLES.npz, and no positional files")
+        for path in (samples, ref):
+            npz_keys(path)
+        return samples, ref
+    if len(files) != 2:
+        raise ValueError(f"expected two .npz files (or --ref REF.npz --samples SAMPLES.npz), got {len(files)}")
+    with_statistics = [path for path in files if carries_reference_statistics(path)]
+    if len(with_statistics) != 1:
+        which = "both carry" if with_statistics else "neither carries"
+        raise ValueError(f"cannot tell which of {files[0]} and {files[1]} is the reference batch ({which} "
+                         "reference statistics mu/sigma): name them with --ref REF.npz --samples SAMPLES.npz")
+    reference = with_statistics[0]
+    sample_file = files[1] if reference == files[0] else files[0]
+    print(f"reference batch: {reference} (it carries mu/sigma); samples: {sample_file}", file=sys.stderr)
+    return sample_file, reference
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        for path in (args.samples, args.reference):
-            npz_keys(path)  # missing / unreadable files fail here, before the network is built
+        # Missing / unreadable files and unclear roles fail here, before the network is built.
+        args.samples, args.reference = resolve_inputs(args.files, args.ref, args.samples)
         model = load_inception(resolve_inception_path(args.inception), device=device)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

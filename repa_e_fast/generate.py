@@ -6,7 +6,10 @@
 
 Writes ``<sample-dir>/<exp_name>_<step>_cfg<w>-<low>-<high>/<index:06d>.png`` and then the
 ``.npz`` beside that folder (``arr_0``: uint8 [N, H, W, 3]) that the ADM evaluation suite and
-``repa_e_fast.evaluate`` read; if that ``.npz`` already exists nothing is loaded or sampled.
+``repa_e_fast.evaluate`` read, and ``<folder>.source.json`` (the checkpoint file and the sampling
+flags that made it). If that ``.npz`` already exists and was made from the same checkpoint and
+flags, nothing is loaded or sampled; made from another one, it is an error (exit 2), never a
+silent reuse. ``--ckpt <exp>/checkpoints/<step>/official.pt`` names the folder ``<exp>_<step>``.
 
 Semantics kept from the official script (same seeds, draws and indices as spec §8.4):
 - the SiT is built from the run's arguments (``args.json`` or the checkpoint's ``args``); the
@@ -36,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import zipfile
@@ -58,7 +62,7 @@ from .models.checkpoints import (
     safe_torch_load,
     strip_wrapper_prefixes,
 )
-from .models.encoders import DINOV2_ARCHS, parse_enc_type
+from .models.encoders import parse_enc_type
 from .models.sit import SiT, build_sit
 from .models.vae import VAE_LAYOUTS, AutoencoderKL, build_vae
 from .sampling import denormalize_latents, euler_maruyama_sampler, euler_sampler
@@ -77,6 +81,10 @@ TRAINING_DEFAULTS = {
     "vae_ckpt": None,
 }
 REQUIRED_RUN_ARGUMENTS = ("model", "vae", "enc_type")
+CHECKPOINT_STEP_DIR = re.compile(r"^\d{7}$")  # our checkpoints/<step:07d>/official.pt
+# What makes two sample sets the same: the checkpoint file and the flags that change the images.
+SAMPLING_OPTIONS = ("mode", "num_steps", "cfg_scale", "guidance_low", "guidance_high", "path_type", "heun",
+                    "num_fid_samples", "pproc_batch_size", "global_seed", "class_balanced", "vae_ckpt")
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,7 +159,7 @@ def run_arguments(checkpoint: Dict, checkpoint_path: str, args_json: Optional[st
 # ----------------------------------------------------------------------------------------
 def encoder_dims(enc_type: str) -> List[int]:
     """Feature widths of the REPA encoders (projector output sizes), from the type string alone."""
-    return [DINOV2_ARCHS[spec.config][0] for spec in parse_enc_type(enc_type)]
+    return [spec.embed_dim for spec in parse_enc_type(enc_type)]
 
 
 def build_sit_for_run(run_args: Dict) -> SiT:
@@ -237,13 +245,21 @@ class LoadedRun:
 
 def run_name_from_paths(ckpt: Optional[str], exp_path: Optional[str], train_steps) -> str:
     """``<exp_name>_<step zero-padded to 7>`` as officially; a lone ``--ckpt`` file is named by its
-    stem, or like the official layout when it sits in ``<exp>/checkpoints/``."""
+    stem, or like the official layout when it sits in ``<exp>/checkpoints/``, or, for our
+    ``<dir>/<step:07d>/official.pt``, by the directory above the step and the step (so two steps
+    of one run never share a sample folder)."""
     if exp_path:
         return f"{os.path.basename(os.path.normpath(exp_path))}_{str(train_steps).zfill(7)}"
     stem = os.path.splitext(os.path.basename(ckpt))[0]
     parent = os.path.dirname(os.path.abspath(ckpt))
     if os.path.basename(parent) == "checkpoints":
         return f"{os.path.basename(os.path.dirname(parent))}_{stem}"
+    if CHECKPOINT_STEP_DIR.match(os.path.basename(parent)):
+        above = os.path.dirname(parent)
+        if os.path.basename(above) == "checkpoints":  # <exp>/checkpoints/<step>/official.pt
+            above = os.path.dirname(above)
+        name = f"{os.path.basename(above)}_{os.path.basename(parent)}"
+        return name if stem == "official" else f"{name}_{stem}"
     return stem
 
 
@@ -377,6 +393,46 @@ def create_npz_from_sample_folder(folder: str, num_samples: int) -> str:
     return npz_path
 
 
+def sample_source(checkpoint_path: str, options) -> Dict:
+    """What made a sample set: the checkpoint file (resolved path, size, modification time) and
+    the flags that change the images. Stored beside the ``.npz`` as ``<folder>.source.json``."""
+    stat = os.stat(checkpoint_path)
+    return {"checkpoint": os.path.realpath(checkpoint_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sampling": {name: getattr(options, name) for name in SAMPLING_OPTIONS}}
+
+
+def source_path(folder: str) -> str:
+    return f"{folder}.source.json"
+
+
+def write_sample_source(folder: str, source: Dict) -> None:
+    path = source_path(folder)
+    with open(path + ".tmp", "w") as handle:
+        json.dump(source, handle, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def reusable_samples_problem(folder: str, source: Dict) -> Optional[str]:
+    """None when ``<folder>.npz`` was made from ``source``; else why it may not be reused."""
+    npz, recorded_path = f"{folder}.npz", source_path(folder)
+    remedy = f"remove {npz} (and {recorded_path}) or choose another --sample-dir"
+    try:
+        with open(recorded_path) as handle:
+            recorded = json.load(handle)
+    except (OSError, ValueError):
+        return f"{npz} exists but {recorded_path} (which checkpoint and flags made it) is missing or unreadable: {remedy}"
+    same_file = recorded.get("checkpoint") == source["checkpoint"] or (
+        os.path.exists(str(recorded.get("checkpoint"))) and os.path.samefile(recorded["checkpoint"], source["checkpoint"]))
+    if not same_file or (recorded.get("size"), recorded.get("mtime_ns")) != (source["size"], source["mtime_ns"]):
+        return (f"{npz} holds samples of {recorded.get('checkpoint')} (size {recorded.get('size')}, mtime_ns "
+                f"{recorded.get('mtime_ns')}), not of {source['checkpoint']} (size {source['size']}, mtime_ns "
+                f"{source['mtime_ns']}): {remedy}")
+    changed = sorted(k for k in source["sampling"] if recorded.get("sampling", {}).get(k) != source["sampling"][k])
+    if changed:
+        return f"{npz} was sampled with other flags ({', '.join(changed)} differ): {remedy}"
+    return None
+
+
 def setup_distributed() -> Tuple[int, int, torch.device]:
     """torchrun (RANK / WORLD_SIZE set): a process group, nccl on CUDA, gloo on CPU; else one process."""
     use_cuda = torch.cuda.is_available()
@@ -394,6 +450,10 @@ def setup_distributed() -> Tuple[int, int, torch.device]:
 
 def check_options(options) -> None:
     """Flag errors, before anything is read from disk."""
+    if options.label_sampling == "random" and options.class_balanced:
+        raise ValueError("--label-sampling random contradicts --class-balanced")
+    if options.label_sampling == "equal":
+        options.class_balanced = True
     if bool(options.ckpt) == bool(options.exp_path):
         raise ValueError("give either --ckpt FILE or --exp-path DIR --train-steps N")
     if options.exp_path and options.train_steps is None:
@@ -440,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--class-balanced", action="store_true",
                           help="exactly num_fid_samples / num_classes images per class, shuffled "
                           "(default: uniform random labels, as in the spec's official script)")
+    sampling.add_argument("--label-sampling", default=None, choices=["equal", "random"],
+                          help="the later official flag: equal = --class-balanced, random = uniform labels")
     output = parser.add_argument_group("output and precision")
     output.add_argument("--sample-dir", default="samples")
     output.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
@@ -454,9 +516,18 @@ def main(argv=None) -> int:
         name = run_name_from_paths(options.ckpt, options.exp_path, options.train_steps)
         folder = sample_folder(options.sample_dir, name, options.cfg_scale, options.guidance_low,
                                options.guidance_high, options.class_balanced)
+        checkpoint_path = experiment_paths(options.exp_path, options.train_steps)[0] if options.exp_path \
+            else options.ckpt
+        if not os.path.isfile(checkpoint_path):
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+        source = sample_source(checkpoint_path, options)
         if os.path.exists(f"{folder}.npz"):
-            # Checked before anything is loaded (the official script loads the model first).
-            print(f"Skipping sampling: {folder}.npz already exists.")
+            # Checked before anything is loaded (the official script loads the model first). A
+            # sample set is reused only when the same checkpoint and flags made it.
+            problem = reusable_samples_problem(folder, source)
+            if problem is not None:
+                raise ValueError(problem)
+            print(f"Skipping sampling: {folder}.npz already exists (made from {source['checkpoint']}).")
             return 0
         run = load_run(options.ckpt, options.exp_path, options.train_steps, options.args_json, options.vae_ckpt)
         if options.class_balanced:
@@ -488,6 +559,7 @@ def main(argv=None) -> int:
     if distributed:
         dist.barrier()  # every PNG is on disk before rank 0 reads them back
     if rank == 0:
+        write_sample_source(folder, source)  # before the .npz: an .npz never appears without it
         npz_path = create_npz_from_sample_folder(folder, options.num_fid_samples)
         print(f"Saved {npz_path} [{options.num_fid_samples} images]")
     if distributed:

@@ -38,7 +38,8 @@ from repa_e_fast.config import ConfigError, TrainConfig, parse_config, validate_
 from repa_e_fast.engine.backends import DDPBackend, SingleProcessBackend, build_adamw
 from repa_e_fast.engine.checkpoint import (CheckpointManager, CheckpointWriteError, NoGoodCheckpoint, RunFolderError,
                                           RunLock, check_writable, proc_stat_field, rng_state, set_rng_state,
-                                          unverified_checkpoints_report, verify_checkpoint)
+                                          unverified_checkpoints_report, verify_checkpoint,
+                                          verify_enclosing_checkpoint)
 from repa_e_fast.engine.ema import update_ema
 from repa_e_fast.engine.peers import watch_peers
 from repa_e_fast.engine.reporting import (MetricsLogger, plot_loss_curves, read_metrics, save_image_grid,
@@ -64,7 +65,8 @@ RESUME_FREE = ("output_dir", "exp_name", "resume", "resume_step", "init_from", "
                "data_dir", "latents_path", "pretrained_dir", "vae_ckpt", "encoder_ckpts", "lpips_vgg16_ckpt",
                "lpips_lin_ckpt", "disc_pretrained_ckpt", "loss_cfg_path", "deepspeed_config", "num_workers",
                "data_backend", "device", "backend", "fused_ops", "fused_attn", "attn_backend", "channels_last",
-               "compile", "allow_tf32", "allow_random_encoder", "allow_random_lpips")
+               "compile", "allow_tf32", "allow_random_encoder", "allow_random_lpips", "grad_checkpointing",
+               "continue_train_exp_dir", "logging_dir", "wandb_history_path", "vae_latents_name")
 
 LOGGED_CURVES = ("sit_loss", "denoising_loss", "proj_loss", "vae_loss", "vae_align_loss", "d_loss")
 
@@ -86,9 +88,15 @@ class Runtime:
         return self.rank == 0
 
 
+_log_file = None  # <experiment>/log.txt on rank 0, opened by train(): what stdout shows
+
+
 def log(runtime: Runtime, message: str) -> None:
     if runtime.is_main:
         print(f"[repa_e_fast] {message}", flush=True)
+        if _log_file is not None:
+            _log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [repa_e_fast] {message}\n")
+            _log_file.flush()
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,6 +192,11 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, torch.nn.Mo
 
     vae = build_vae(config.vae, ch=config.vae_ch, fused_ops=config.fused_ops)
     ldm = config.train_mode == "ldm"
+    if config.grad_checkpointing:  # after the EMA copy: only the trained models recompute
+        from repa_e_fast.models.checkpointing import enable_grad_checkpointing
+
+        enable_grad_checkpointing([t.strip() for t in config.grad_checkpointing.split(",") if t.strip()],
+                                  sit=sit, vae=None if ldm else vae)
     if config.vae_ckpt:
         load_weights(vae, config.vae_ckpt, name=f"VAE {config.vae}")
         stats = load_latents_stats(config.latents_stats_path())
@@ -276,6 +289,7 @@ class Progress:
     skipped_steps: int = 0
     consecutive_faults: int = 0
     images_seen: int = 0
+    wandb_run_id: Optional[str] = None  # a resumed run continues the same W&B run
 
 
 def official_payload(config, models, backend, progress: Progress, with_optimizers=True) -> dict:
@@ -416,20 +430,33 @@ def load_checkpoint(resumed: ResumeState, config, runtime, models, backend, load
     return Progress(**trainer["progress"])
 
 
-def init_from_official(path: str, runtime, models, backend) -> Progress:
-    """Start from an official single-file checkpoint (weights, optimizers when present, steps)."""
-    from repa_e_fast.models.checkpoints import load_state_dict_file, load_state_dict_strict
+def init_from_official(path: str, config, runtime, models, backend) -> Progress:
+    """Start from an official single-file checkpoint: the weights the run trains, the Adam
+    states when present (under DeepSpeed, into ZeRO's partitions) and the step. An LDM-only
+    run reads only the SiT's entries: official LDM-only checkpoints have no vae/discriminator."""
+    from repa_e_fast.models.checkpoints import load_state_dict_strict, strip_wrapper_prefixes
 
-    load_state_dict_strict(backend.unwrap("sit"), load_state_dict_file(path, "model"), f"SiT from {path}")
-    load_state_dict_strict(models["ema"], load_state_dict_file(path, "ema"), f"EMA from {path}")
-    load_state_dict_strict(backend.unwrap("vae"), load_state_dict_file(path, "vae"), f"VAE from {path}")
-    load_state_dict_strict(backend.unwrap("disc").discriminator, load_state_dict_file(path, "discriminator"),
-                           f"discriminator from {path}")
-    full = safe_torch_load(path)
-    if all(k in full for k in ("opt", "opt_vae", "opt_disc")) and isinstance(backend, SingleProcessBackend):
-        backend.load_state_dict({"optimizers": {"sit": full["opt"], "vae": full["opt_vae"], "disc": full["opt_disc"]}})
+    verify_enclosing_checkpoint(path)  # a file of one of our checkpoints is used only when it verifies
+    full = safe_torch_load(path, mmap=True)  # the allow-list covers the official "args"
+    # model name -> (weights entry, optimizer entry, module to load)
+    parts = {"sit": ("model", "opt", backend.unwrap("sit"))}
+    if config.train_mode == "repae":
+        parts.update(vae=("vae", "opt_vae", backend.unwrap("vae")),
+                     disc=("discriminator", "opt_disc", backend.unwrap("disc").discriminator))
+    missing = [key for key in ["ema"] + [weights for weights, _, _ in parts.values()] if key not in full]
+    if missing:
+        hint = " (an LDM-only checkpoint starts only --train-mode ldm)" if "vae" in missing else ""
+        raise ConfigError(f"--init-from {path} has no {missing} entries{hint}; it has {sorted(full)}")
+    for name, (weights, _, module) in parts.items():
+        load_state_dict_strict(module, strip_wrapper_prefixes(full[weights]), f"{name} from {path}")
+    load_state_dict_strict(models["ema"], strip_wrapper_prefixes(full["ema"]), f"EMA from {path}")
+    optimizers = {name: full[opt] for name, (_, opt, _) in parts.items() if opt in full}
+    if len(optimizers) < len(parts):
+        log(runtime, f"{path}: optimizer states not loaded (absent); Adam restarts")
+    elif runtime.backend == "deepspeed":
+        backend.load_full_optimizer_state_dicts(optimizers)
     else:
-        log(runtime, f"{path}: optimizer states not loaded (absent, or a DeepSpeed run); Adam restarts")
+        backend.load_state_dict({"optimizers": optimizers})
     return Progress(step=int(full.get("steps", 0)))
 
 
@@ -618,6 +645,7 @@ def train(config: TrainConfig, runtime: Runtime, launcher: Optional[str] = None)
 
 def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: CheckpointManager, lock: RunLock,
            launcher: Optional[str]) -> int:
+    global _log_file
     experiment = config.experiment_dir
     error = None
     if runtime.is_main:
@@ -633,11 +661,14 @@ def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: Che
     seed_everything(config.seed + runtime.rank)
     if runtime.is_main:
         (experiment / "args.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+        _log_file = open(experiment / "log.txt", "a", encoding="utf-8")
     if config.train_mode == "ldm":
         from repa_e_fast.data.cached_latents import CachedLatentLoader
+        from repa_e_fast.data.official_latents import OfficialLatentLoader
 
-        loader = CachedLatentLoader(config.latents_path, micro_batch, rank=runtime.rank,
-                                    world_size=runtime.world_size, seed=config.seed, device=runtime.device)
+        cls = OfficialLatentLoader if str(config.latents_path).endswith(".h5") else CachedLatentLoader
+        loader = cls(config.latents_path, micro_batch, rank=runtime.rank,
+                     world_size=runtime.world_size, seed=config.seed, device=runtime.device)
     else:
         loader = build_loader(config, runtime, micro_batch)
     log(runtime, f"{runtime.backend} backend, {runtime.world_size} rank(s) on {runtime.device}; "
@@ -655,12 +686,15 @@ def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: Che
         progress = load_checkpoint(resumed, config, runtime, models, backend, loader)
         log(runtime, f"resumed from {resume_from} at step {progress.step}")
     elif config.init_from:
-        progress = init_from_official(config.init_from, runtime, models, backend)
+        progress = init_from_official(config.init_from, config, runtime, models, backend)
         log(runtime, f"initialised from {config.init_from} (step {progress.step})")
     else:
         progress = Progress()
     logger = MetricsLogger(experiment, config.report_to, config.to_dict(), config.wandb_project, config.exp_name,
-                           resume=resume_from is not None) if runtime.is_main else None
+                           resume=resume_from is not None, wandb_run_id=progress.wandb_run_id,
+                           resume_step=progress.step) if runtime.is_main else None
+    if logger is not None:
+        progress.wandb_run_id = logger.wandb_run_id
     if logger is not None and resume_from is not None:
         logger.truncate_after(progress.step)
 
@@ -758,6 +792,9 @@ def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: Che
             bar.close()
         if logger is not None:
             logger.close()
+        if _log_file is not None:
+            _log_file.close()
+            _log_file = None
     return EXIT_OK
 
 

@@ -270,8 +270,9 @@ def test_evaluate_command_on_identical_sets(inception, inception_file, tmp_path,
     images = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=images)
     np.savez_compressed(tmp_path / "reference.npz", arr_0=images)  # compressed members stream too
-    argv = [str(tmp_path / "samples.npz"), str(tmp_path / "reference.npz"), "--inception", str(inception_file),
-            "--batch-size", "4", "--device", "cpu", "--json", str(tmp_path / "metrics.json")]
+    argv = ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "reference.npz"),
+            "--inception", str(inception_file), "--batch-size", "4", "--device", "cpu",
+            "--json", str(tmp_path / "metrics.json")]
     assert evaluate.main(argv) == 0
     printed = capsys.readouterr().out
     for label in ("Inception Score:", "FID:", "sFID:", "Precision:", "Recall:"):
@@ -291,7 +292,8 @@ def test_evaluate_command_errors(tmp_path, capsys):
     assert evaluate.main([str(tmp_path / "missing.npz"), str(tmp_path / "ok.npz")]) == 2
     assert "npz file not found" in capsys.readouterr().err
     absent = str(tmp_path / "pretrained" / "pt_inception-2015-12-05-6726825d.pth")
-    assert evaluate.main([str(tmp_path / "ok.npz"), str(tmp_path / "ok.npz"), "--inception", absent]) == 2
+    assert evaluate.main(["--samples", str(tmp_path / "ok.npz"), "--ref", str(tmp_path / "ok.npz"),
+                          "--inception", absent]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: Inception weights not found") and "releases/download/fid_weights" in error
     with pytest.raises(ValueError, match="must be uint8 images"):
@@ -337,3 +339,38 @@ def test_frechet_distance_refuses_statistics_that_are_not_a_covariance():
     # Singular but valid (fewer samples than dimensions): accepted.
     few = features[:3]
     frechet_distance(few.mean(0), np.cov(few, rowvar=False), mu, sigma)
+
+
+# ----------------------------------------------------------------------------------------
+# Which file is the reference: --ref / --samples, or detected (ADM's order works unchanged)
+# ----------------------------------------------------------------------------------------
+def test_reference_batch_is_detected_in_either_positional_order(tmp_path, capsys):
+    statistics = {"mu": np.zeros(3), "sigma": np.eye(3), "mu_s": np.zeros(2), "sigma_s": np.eye(2)}
+    ref, samples, other = (str(tmp_path / name) for name in ("ref.npz", "samples.npz", "other.npz"))
+    np.savez(ref, arr_0=np.zeros((2, 8, 8, 3), np.uint8), **statistics)  # an ADM reference batch
+    np.savez(samples, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    np.savez(other, arr_0=np.ones((2, 8, 8, 3), np.uint8))
+    assert evaluate.resolve_inputs([ref, samples], None, None) == (samples, ref)  # ADM: REF SAMPLES
+    assert evaluate.resolve_inputs([samples, ref], None, None) == (samples, ref)  # ours
+    assert evaluate.resolve_inputs([], other, samples) == (samples, other)  # explicit roles: no detection
+    assert "reference batch: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["samples.npz", "other.npz"], "neither carries reference statistics mu/sigma): name them with --ref"),
+    (["ref.npz", "ref2.npz"], "both carry reference statistics"),
+    (["samples.npz"], "expected two .npz files"),
+    (["samples.npz", "--ref", "ref.npz"], "give both --ref REF.npz and --samples SAMPLES.npz"),
+    (["--ref", "ref.npz", "--samples", "missing.npz"], "npz file not found"),
+])
+def test_ambiguous_or_incomplete_inputs_are_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    statistics = {"mu": np.zeros(3), "sigma": np.eye(3), "mu_s": np.zeros(2), "sigma_s": np.eye(2)}
+    for name in ("ref.npz", "ref2.npz"):
+        np.savez(tmp_path / name, **statistics)
+    for name in ("samples.npz", "other.npz"):
+        np.savez(tmp_path / name, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate, "load_inception", lambda *a, **k: pytest.fail("network built before the check"))
+    assert evaluate.main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and message in error[0]

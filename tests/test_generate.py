@@ -269,3 +269,67 @@ def test_torchrun_two_ranks_class_balanced(run_files, repae_run, tmp_path):
     uniform = parse_options([flag for flag in flags if flag != "--class-balanced"])
     generate_in_process(run, tmp_path / "u", uniform, rank=0, world_size=2)
     assert not np.array_equal(read_pngs(tmp_path / "u", rank0), read_pngs(folder, rank0))
+
+
+# ----------------------------------------------------------------------------------------
+# A checkpoint sweep: one sample folder per checkpoint, never another checkpoint's samples
+# ----------------------------------------------------------------------------------------
+def test_our_checkpoint_layout_names_the_folder_by_run_and_step(tmp_path):
+    ours = tmp_path / "exp" / "checkpoints"
+    assert generate.run_name_from_paths(str(ours / "0000020" / "official.pt"), None, None) == "exp_0000020"
+    assert generate.run_name_from_paths(str(ours / "0000010" / "official.pt"), None, None) == "exp_0000010"
+    assert generate.run_name_from_paths(str(tmp_path / "A" / "0000020" / "official.pt"), None, None) == "A_0000020"
+
+
+def test_samples_of_another_checkpoint_are_never_reused(run_files, tmp_path, capsys):
+    """Two steps of one run: their folders differ; an .npz made from another checkpoint (same
+    folder name, e.g. a file replaced in place) or with other flags is refused (exit 2)."""
+    flags = ["--num-fid-samples", "2", "--pproc-batch-size", "2", "--num-steps", "1", "--cfg-scale", "1.0",
+             "--sample-dir", str(tmp_path / "s")]
+    steps = {}
+    for step in (20, 10):
+        directory = tmp_path / "A" / "checkpoints" / f"{step:07d}"
+        directory.mkdir(parents=True)
+        os.link(run_files.ckpt, directory / "official.pt")
+        steps[step] = directory / "official.pt"
+        assert generate.main(["--ckpt", str(steps[step])] + flags) == 0, capsys.readouterr().err
+    produced = sorted(p.name for p in (tmp_path / "s").glob("*.npz"))
+    assert produced == ["A_0000010_cfg1.0-0.0-1.0.npz", "A_0000020_cfg1.0-0.0-1.0.npz"]
+    source = json.loads((tmp_path / "s" / "A_0000020_cfg1.0-0.0-1.0.source.json").read_text())
+    assert source["checkpoint"] == os.path.realpath(steps[20]) and source["sampling"]["num_fid_samples"] == 2
+    capsys.readouterr()
+
+    # The same checkpoint and flags again: reused.
+    assert generate.main(["--ckpt", str(steps[20])] + flags) == 0
+    assert "Skipping sampling" in capsys.readouterr().out
+    # Step 20 saved again (a resumed run rewrites it): another file under the same name.
+    steps[20].unlink()
+    torch.save({**torch.load(run_files.ckpt, weights_only=False), "steps": 21}, steps[20])
+    assert generate.main(["--ckpt", str(steps[20])] + flags) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "holds samples of" in error and "remove" in error
+    # Other sampling flags under the same folder name (the seed is not in the name).
+    assert generate.main(["--ckpt", str(steps[10]), "--global-seed", "3"] + flags) == 2
+    assert "global_seed differ" in capsys.readouterr().err
+    # An .npz whose origin is unknown (no source record) is not trusted either.
+    (tmp_path / "s" / "A_0000010_cfg1.0-0.0-1.0.source.json").unlink()
+    assert generate.main(["--ckpt", str(steps[10])] + flags) == 2
+    assert "is missing or unreadable" in capsys.readouterr().err
+
+
+def test_projector_widths_of_every_encoder_family():
+    assert generate.encoder_dims("jepa-vit-h,clip-vit-L,mocov3-vit-b,mae-vit-l,dinov2-vit-b") == [
+        1280, 1024, 768, 1024, 768]
+
+
+def test_official_generate_command_line_and_label_sampling(run_files, tmp_path, capsys):
+    """The official README's generate.py flags, unchanged (a smaller run: fewer samples and steps
+    appended, later flags win); --label-sampling equal is --class-balanced."""
+    official = ["--num-fid-samples", "50000", "--path-type", "linear", "--mode", "sde", "--num-steps", "250",
+                "--cfg-scale", "1.0", "--guidance-high", "1.0", "--guidance-low", "0.0",
+                "--exp-path", str(run_files.exp), "--train-steps", "5"]
+    small = ["--num-fid-samples", "10", "--num-steps", "1", "--pproc-batch-size", "10", "--sample-dir", str(tmp_path)]
+    assert generate.main(official + small + ["--label-sampling", "equal"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "exp-run_0000005_cfg1.0-0.0-1.0-balanced.npz").is_file()
+    assert generate.main(official + small + ["--label-sampling", "random", "--class-balanced"]) == 2
+    assert "contradicts --class-balanced" in capsys.readouterr().err

@@ -150,11 +150,14 @@ def _finish(dst: str, settings: dict, source: FolderSource, num_shards: int) -> 
 
 def prepare(src, dst, *, resolution: int = 256, workers: int = 1, codec: str = "png",
             quality: int = 95, shard_size: int = 1000, max_shards: Optional[int] = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, max_images: Optional[int] = None) -> dict:
     """Prepare ``src`` into ``dst`` (see the module docstring); returns a summary dict.
 
     ``max_shards``: write at most this many shards in this call (re-run to continue).
+    ``max_images``: only the first this many images of the source's order (official flag).
     """
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
     if resolution < 1 or shard_size < 1 or workers < 1 or not 1 <= quality <= 100:
@@ -162,14 +165,15 @@ def prepare(src, dst, *, resolution: int = 256, workers: int = 1, codec: str = "
     if not os.path.isdir(src):
         raise DatasetError(f"source folder '{src}' does not exist")
     source = FolderSource(src)
+    count = source.num_images if max_images is None else min(max_images, source.num_images)
     dst = os.path.abspath(dst)
     os.makedirs(dst, exist_ok=True)
     listing = hashlib.sha256()
-    for index in range(source.num_images):
+    for index in range(count):
         listing.update(f"{source.relpath(index)}\t{int(source.labels[index])}\n".encode())
     settings = {
         "version": VERSION, "source": source.root, "resolution": resolution, "codec": codec,
-        "quality": quality, "shard_size": shard_size, "num_sources": source.num_images,
+        "quality": quality, "shard_size": shard_size, "num_sources": count,
         "listing_sha256": listing.hexdigest(),
     }
     settings_path = os.path.join(dst, "prepare.json")
@@ -189,7 +193,7 @@ def prepare(src, dst, *, resolution: int = 256, workers: int = 1, codec: str = "
         if name.startswith(".") and ".tmp-" in name:
             os.unlink(os.path.join(dst, name))
 
-    num_shards = -(-source.num_images // shard_size)
+    num_shards = -(-count // shard_size)
     todo = [s for s in range(num_shards)
             if not os.path.isfile(os.path.join(dst, _shard_name(s) + ".json"))]
     skipped_shards = num_shards - len(todo)
@@ -198,7 +202,7 @@ def prepare(src, dst, *, resolution: int = 256, workers: int = 1, codec: str = "
     tasks = [
         (index, source.name(index), resolution, codec, quality)
         for shard in todo
-        for index in range(shard * shard_size, min((shard + 1) * shard_size, source.num_images))
+        for index in range(shard * shard_size, min((shard + 1) * shard_size, count))
     ]
     start = time.perf_counter()
     pool = multiprocessing.Pool(workers) if workers > 1 and tasks else None
@@ -213,7 +217,7 @@ def prepare(src, dst, *, resolution: int = 256, workers: int = 1, codec: str = "
         for result in results:
             pending.append(result)
             bar.update(1)
-            end = min((shard + 1) * shard_size, source.num_images)
+            end = min((shard + 1) * shard_size, count)
             if result[0] == end - 1:  # imap keeps task order: this shard is complete
                 _write_shard(dst, shard, pending, source, codec)
                 pending = []
@@ -242,8 +246,14 @@ def main(argv=None) -> int:
         prog="python -m repa_e_fast.data.prepare",
         description="ADM-centre-crop a raw image folder into compact, resumable tar shards.",
     )
-    parser.add_argument("src", help="raw ImageNet-style folder (<class>/<image>, or with train/)")
-    parser.add_argument("dst", help="output directory (re-run the same command to resume)")
+    parser.add_argument("src", nargs="?", default=None,
+                        help="raw ImageNet-style folder (<class>/<image>, or with train/)")
+    parser.add_argument("dst", nargs="?", default=None,
+                        help="output directory (re-run the same command to resume); default: data")
+    parser.add_argument("--imagenet-path", default=None, help="official flag: the source folder (as SRC)")
+    parser.add_argument("--output-dir", default=None, help="the output directory (as DST)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="official flag: only the first N images of the source's order")
     parser.add_argument("--resolution", type=int, default=256, help="crop size (256 or 512)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--format", dest="codec", choices=sorted(CODECS), default="png",
@@ -254,11 +264,17 @@ def main(argv=None) -> int:
                         help="write at most this many shards now (re-run to continue)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if (args.src is None) == (args.imagenet_path is None):
+        parser.error("give the source folder once: SRC or --imagenet-path")
+    if args.dst is not None and args.output_dir is not None:
+        parser.error("give the output directory once: DST or --output-dir")
+    src = args.src or args.imagenet_path
+    dst = args.dst or args.output_dir or "data"
     try:
-        summary = prepare(args.src, args.dst, resolution=args.resolution, workers=args.workers,
+        summary = prepare(src, dst, resolution=args.resolution, workers=args.workers,
                           codec=args.codec, quality=args.quality, shard_size=args.shard_size,
-                          max_shards=args.max_shards, progress=not args.no_progress)
-    except DatasetError as exc:
+                          max_shards=args.max_shards, progress=not args.no_progress, max_images=args.max_images)
+    except (DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))

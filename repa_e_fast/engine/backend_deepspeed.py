@@ -445,6 +445,56 @@ class DeepSpeedBackend:
             result[name] = exported
         return result
 
+    def load_full_optimizer_state_dicts(self, states: Dict[str, dict]) -> None:
+        """The inverse of ``full_optimizer_state_dicts``: torch ``AdamW.state_dict()``s in the
+        official layout (state indexed by ``parameters()`` order) -> each engine's optimizer.
+        Stage 0: per-parameter states; ZeRO-1/2: each rank copies its fragment of every
+        parameter into its flat fp32 partition's ``exp_avg``/``exp_avg_sq``. Only the moments
+        and the step are taken: the learning rates and betas stay the run's own."""
+        for name, full in states.items():
+            engine = self.models[name]
+            params = list(self.modules[name].parameters())
+            loaded = {int(index): state for index, state in full.get("state", {}).items() if state}
+            if not loaded:
+                continue  # saved before the first update: nothing to restore
+            if max(loaded) >= len(params):
+                raise ValueError(f"{name}: the optimizer state has parameter index {max(loaded)} but the model has "
+                                 f"{len(params)} parameters")
+            step = float(next(iter(loaded.values()))["step"])
+            base = engine.optimizer if self.zero_stage == 0 else engine.optimizer.optimizer
+            for index, state in loaded.items():
+                param = params[index]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if state[key].shape != param.shape:
+                        raise ValueError(f"{name}: {key} of parameter {index} has shape {tuple(state[key].shape)}, "
+                                         f"the parameter {tuple(param.shape)}")
+                if self.zero_stage == 0:
+                    base.state[param] = {key: state[key].to(param.device, torch.float32).clone()
+                                         for key in ("exp_avg", "exp_avg_sq")}
+                    self._set_step(base, base.state[param], step)
+                    continue
+                mapping = getattr(param, "_hp_mapping", None)  # None: no element of param on this rank
+                if mapping is None or not param.requires_grad:
+                    continue
+                flat = engine.optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
+                flat_state = base.state[flat]
+                if not flat_state:
+                    flat_state.update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+                self._set_step(base, flat_state, step)
+                hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+                for key in ("exp_avg", "exp_avg_sq"):
+                    fragment = state[key].reshape(-1).narrow(0, lp.start, lp.numel)
+                    flat_state[key].narrow(0, hp.start, hp.numel).copy_(fragment)
+
+    @staticmethod
+    def _set_step(optimizer, state: dict, step: float) -> None:
+        if isinstance(optimizer, torch.optim.Optimizer) and not hasattr(optimizer, "adam_w_mode"):
+            state["step"] = torch.tensor(step, dtype=torch.float32)  # torch AdamW: per state
+        else:  # DeepSpeed's FusedAdam: an int per state, and per group for older checkpoints
+            state["step"] = int(step)
+            for group in optimizer.param_groups:
+                group["step"] = int(step)
+
     @staticmethod
     def _step_tensor(state: dict, group: dict) -> torch.Tensor:
         step = state["step"] if "step" in state else group["step"]  # torch keeps it per state, FusedAdam per group

@@ -11,6 +11,7 @@ Layout under ``<experiment>/checkpoints/``::
         deepspeed/           the DeepSpeed engines' own checkpoint (DeepSpeed runs only)
         MANIFEST.json        size and CRC-32 of every file above, written last
     latest                   name of the newest complete checkpoint
+    0000500.pt               hard link to 0000500/official.pt (the official layout)
 
 A checkpoint is written into ``.tmp-<step>`` and renamed to its final name only after every
 file, the manifest and the directory are fsynced, then ``latest`` is replaced (write +
@@ -188,6 +189,7 @@ class CheckpointManager:
                 os.rename(tmp, final)
                 _fsync_dir(self.root)
                 self._write_latest(final.name)
+                self._link_official_file(final)
                 self._apply_retention(keep=final)
             except OSError as error:
                 failure = error
@@ -211,6 +213,23 @@ class CheckpointManager:
         os.replace(tmp, pointer)
         _fsync_dir(self.root)
 
+    def _link_official_file(self, final: Path) -> None:
+        """``<step:07d>.pt`` beside the checkpoint directories: a hard link to its
+        ``official.pt`` (no extra space), so the official ``generate.py --exp-path`` and
+        ``--resume-step`` find the official layout. Skipped with a warning where the
+        filesystem has no hard links."""
+        official = final / "official.pt"
+        if not official.is_file():
+            return
+        link, tmp = self.root / f"{final.name}.pt", self.root / f".{final.name}.pt.tmp"
+        try:
+            if tmp.exists():
+                tmp.unlink()
+            os.link(official, tmp)
+            os.replace(tmp, link)
+        except OSError as error:
+            warnings.warn(f"could not hard-link {official} as {link} (the official layout): {error}", stacklevel=2)
+
     def _apply_retention(self, keep: Path) -> None:
         complete = self.complete_checkpoints()
         excess = len(complete) - self.keep_last
@@ -223,6 +242,9 @@ class CheckpointManager:
                     shutil.rmtree(old, ignore_errors=True)
                 else:
                     self._set_aside(old, problem)
+                link = self.root / f"{old.name}.pt"
+                if link.is_file():
+                    link.unlink()  # the official-layout link to official.pt goes with its checkpoint
                 excess -= 1
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)

@@ -15,7 +15,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 class MetricsLogger:
     def __init__(self, directory: Path, report_to: str = "jsonl", config: Optional[dict] = None,
-                 wandb_project: str = "repa-e-fast", run_name: str = "run", resume: bool = False):
+                 wandb_project: str = "repa-e-fast", run_name: str = "run", resume: bool = False,
+                 wandb_run_id: Optional[str] = None, resume_step: Optional[int] = None):
+        """``wandb_run_id``: the W&B run to continue (a resumed training run stores it in its
+        checkpoint); None starts a new one, whose id is then ``self.wandb_run_id``.
+        ``resume_step``: TensorBoard drops the events logged after it by the interrupted run."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
@@ -28,18 +32,23 @@ class MetricsLogger:
             raise ValueError(f"report_to: unknown targets {sorted(unknown)} (use jsonl, tensorboard, wandb)")
         self.tensorboard = None
         self.wandb = None
+        self.wandb_run_id = wandb_run_id
         if "tensorboard" in targets:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tensorboard = SummaryWriter(str(self.directory / "tensorboard"))
+                purge = resume_step + 1 if resume and resume_step is not None else None
+                self.tensorboard = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge)
             except ImportError:
                 warnings.warn("report_to includes tensorboard but it is not installed (pip install tensorboard)")
         if "wandb" in targets:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
+                # Files under the run folder (offline runs too: WANDB_MODE=offline, then `wandb sync`).
+                self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, id=wandb_run_id,
+                                        resume="allow", dir=str(self.directory))
+                self.wandb_run_id = self.wandb.id
             except ImportError:
                 warnings.warn("report_to includes wandb but it is not installed (pip install wandb)")
 

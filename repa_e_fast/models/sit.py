@@ -181,8 +181,10 @@ def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequ
 class SiT(nn.Module):
     """SiT with REPA projectors and the affine-free latent BatchNorm of REPA-E.
 
-    Constructor arguments mirror the official ``models.sit.SiT``; ``fused_attn`` is accepted
-    for compatibility (every backend is fused or not by ``attn_backend``).
+    Constructor arguments mirror the official ``models.sit.SiT``. ``fused_attn=False`` (the
+    official ``--no-fused-attn``) computes attention with the explicit softmax formula
+    (``attn_backend="math"``) instead of a fused kernel; it cannot be combined with a fused
+    package backend (flash_attn, xformers).
     ``decoder_hidden_size`` must equal ``hidden_size`` (the official default of 768 is what
     breaks the official S configs); leaving it None uses ``hidden_size``.
     """
@@ -221,6 +223,11 @@ class SiT(nn.Module):
             raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {patch_size}")
         if not z_dims:
             raise ValueError("z_dims must list at least one encoder feature width")
+        if not fused_attn:
+            if attn_backend not in ("sdpa", "math"):
+                raise ValueError(f"fused_attn=False (the explicit attention formula) conflicts with "
+                                 f"attn_backend={attn_backend!r}, a fused kernel")
+            attn_backend = "math"
         self.in_channels = in_channels
         self.out_channels = in_channels
         self.patch_size = patch_size
