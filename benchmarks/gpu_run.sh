@@ -107,9 +107,9 @@ part1() {
         record ops_tests skipped 0 "the op tests run in CI on the CPU"
         run_part check_models 300 python benchmarks/check_models_gpu.py --smoke --out "$out/check_models.json"
     else
-        run_part ops_tests 45 python -m pytest -q -x -p no:cacheprovider tests/test_ops_adaln.py \
+        run_part ops_tests 35 python -m pytest -q -x -p no:cacheprovider tests/test_ops_adaln.py \
             tests/test_ops_repa_loss.py tests/test_ops_group_norm.py tests/test_fused_models.py
-        run_part check_models 45 python benchmarks/check_models_gpu.py --out "$out/check_models.json"
+        run_part check_models 30 python benchmarks/check_models_gpu.py --out "$out/check_models.json"
     fi
     run_official
 }
