@@ -98,7 +98,7 @@ run_official() {
     fi
     local mode=(--breakdown --tag gpu_run)
     ((dry)) && mode=(--cpu-smoke --tag gpu_run_dry)
-    run_part official 330 env REPAE_REF=.official_bench/src/repae DINOV2_REF=.official_bench/src/dinov2 \
+    run_part official 345 env REPAE_REF=.official_bench/src/repae DINOV2_REF=.official_bench/src/dinov2 \
         "$official_python" .official_bench/official_step_bench.py "${mode[@]}" --out "$out/official_step.jsonl"
 }
 
