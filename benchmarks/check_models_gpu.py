@@ -1,6 +1,7 @@
 """Fused paths of the models against their reference paths, on the GPU at paper shapes.
 
     python benchmarks/check_models_gpu.py [--out FILE.json]
+    python benchmarks/check_models_gpu.py --smoke     # tiny models, CPU, Triton interpreter
 
 SiT-XL/2 (B=8, 32x32x4 latents, two encoders) and the f8d4 VAE (B=4, 256 px), random
 weights, fp32 with TF32 off: forward outputs, losses and every parameter gradient of the
@@ -12,12 +13,13 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import sys
 
 import torch
 
 from repa_e_fast.models.sit import build_sit
-from repa_e_fast.models.vae import build_vae
+from repa_e_fast.models.vae import AutoencoderKL, build_vae
 
 
 def relative_error(a, b):
@@ -35,24 +37,38 @@ def worst_grad(reference, fused):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (kernels interpreted)")
     args = parser.parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by the first kernel call)
+        os.environ.pop("REPA_E_FAST_OPS", None)
+    elif not torch.cuda.is_available():
+        print("check_models_gpu.py: no CUDA device (use --smoke on a CPU)", file=sys.stderr)
+        return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    device = torch.device("cuda")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    batch, vae_batch, side = (2, 1, 4) if args.smoke else (8, 4, 32)
     rows = {}
 
     torch.manual_seed(0)
-    sit = build_sit("SiT-XL/2", input_size=32, in_channels=4, z_dims=[768, 1024], encoder_depth=8,
-                    class_dropout_prob=0.0).to(device)
+    if args.smoke:
+        sit = build_sit("SiT-S/2", input_size=side, in_channels=4, depth=2, hidden_size=64, num_heads=2,
+                        num_classes=1000, z_dims=[96, 128], encoder_depth=1, projector_dim=64,
+                        class_dropout_prob=0.0).to(device)
+    else:
+        sit = build_sit("SiT-XL/2", input_size=side, in_channels=4, z_dims=[768, 1024], encoder_depth=8,
+                        class_dropout_prob=0.0).to(device)
     with torch.no_grad():
         for p in sit.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     sit.pos_embed.requires_grad_(True)
     fused = copy.deepcopy(sit).set_fused_ops(True)
-    x = torch.randn(8, 4, 32, 32, device=device)
-    y = torch.randint(0, 1000, (8,), device=device)
-    zs = [torch.randn(8, 256, 768, device=device), torch.randn(8, 256, 1024, device=device)]
-    t, noise = torch.rand(8, 1, 1, 1, device=device), torch.randn(8, 4, 32, 32, device=device)
+    tokens = (side // 2) ** 2
+    x = torch.randn(batch, 4, side, side, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    zs = [torch.randn(batch, tokens, dim, device=device) for dim in sit.z_dims]
+    t, noise = torch.rand(batch, 1, 1, 1, device=device), torch.randn(batch, 4, side, side, device=device)
     outs = []
     for model in (sit, fused):
         model.train()
@@ -65,9 +81,14 @@ def main():
                        "grads_rel_worst": grad_err, "grads_worst": grad_name, "grads_compared": count}
 
     torch.manual_seed(1)
-    vae = build_vae("f8d4").to(device)
+    if args.smoke:
+        vae = AutoencoderKL(embed_dim=4, ch_mult=(1, 2), ch=32, num_res_blocks=1, resolution=16,
+                            attn_resolutions=(8,)).to(device)
+    else:
+        vae = build_vae("f8d4").to(device)
     fused_vae = copy.deepcopy(vae).set_fused_ops(True).to(memory_format=torch.channels_last)
-    images = torch.rand(4, 3, 256, 256, device=device) * 2 - 1
+    resolution = 16 if args.smoke else 256
+    images = torch.rand(vae_batch, 3, resolution, resolution, device=device) * 2 - 1
     results = []
     for model, memory_format in ((vae, torch.contiguous_format), (fused_vae, torch.channels_last)):
         posterior = model.encode(images.contiguous(memory_format=memory_format))
@@ -78,9 +99,9 @@ def main():
     rows["vae_f8d4"] = {"moments_rel": relative_error(results[1][0], results[0][0]),
                         "decoded_rel": relative_error(results[1][1], results[0][1]),
                         "grads_rel_worst": grad_err, "grads_worst": grad_name, "grads_compared": count}
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    report = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python benchmarks/check_models_gpu.py", "results": rows}
+              "command": " ".join(["python", "benchmarks/check_models_gpu.py"] + sys.argv[1:]), "results": rows}
     print(json.dumps(report, indent=1))
     if args.out:
         with open(args.out, "w") as handle:

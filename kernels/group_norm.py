@@ -10,14 +10,17 @@ Large groups are split over many programs (a "chunk" is a run of pixel tiles of 
 sample), which fills the GPU even when ``N * G`` is small:
 
 forward:  stats   (N, chunks): per chunk and group, mean and M2 (sum of squared
-                  deviations). Each tile is reduced two-pass in registers (exact), tiles
-                  and then chunks are merged with Chan's parallel formula, so a large
-                  mean offset does not cancel the variance (no naive sum of squares).
+                  deviations). Each element slot of the tile keeps a Welford mean/M2 over
+                  the chunk's tiles (the loop streams x with no cross-thread reduction);
+                  the slots and then the chunks are merged with Chan's parallel formula,
+                  so a large mean offset does not cancel the variance (no naive sum of
+                  squares).
           finalize (N,): merge the chunk partials -> mean, rstd [N, G] fp32.
           normalize (N, chunks): y = x * (w*rstd) + (b - mean*w*rstd), optional SiLU.
 backward: reduce  (N, chunks): per group sum(dxhat), sum(dxhat*xhat); per channel
                   sum(dz*xhat), sum(dz) (for dweight, dbias) as fp32 partials.
-          dx      (N, chunks): dx = rstd * (dxhat - mean(dxhat) - xhat*mean(dxhat*xhat)).
+          dx      (N, chunks): dx = rstd * (dxhat - mean(dxhat) - xhat*mean(dxhat*xhat)),
+                  the two group means summed from the reduce partials in the kernel.
 where z = xhat*w + b, y = silu(z) (or z), dz = dy * silu'(z), dxhat = dz * w.
 """
 
@@ -51,28 +54,31 @@ def _gn_stats_kernel(X, PMEAN, PM2, HW, tiles_per_chunk, C: tl.constexpr, G: tl.
     g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
     c = tl.arange(0, BLOCK_C)[None, None, :]
     cmask = (g < G) & (c < CG)
-    run_mean = tl.zeros([BLOCK_G], dtype=tl.float32)
-    run_m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
+    # Welford per lane (one element slot of the tile) over the chunk's tiles: the loop only
+    # streams x and updates registers, with no reduction across threads; the lanes are
+    # merged once, after it. A slot valid in tile i was valid in tiles 0..i (pixels only
+    # grow along the chunk), so its count there is i + 1.
+    lane_n = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_C], dtype=tl.float32)
+    lane_mean = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_C], dtype=tl.float32)
+    lane_m2 = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_C], dtype=tl.float32)
     chunk_p0 = chunk * tiles_per_chunk * BLOCK_P
     for i in range(0, tiles_per_chunk):
-        p0 = chunk_p0 + i * BLOCK_P
-        p = p0 + pp
+        p = chunk_p0 + i * BLOCK_P + pp
         m = cmask & (p < HW)
         x = tl.load(base + _offsets(p, g, c, HW, C, CG, CHANNELS_LAST), mask=m, other=0.0).to(tl.float32)
-        cnt = (tl.minimum(tl.maximum(HW - p0, 0), BLOCK_P) * CG).to(tl.float32)
-        prev = ((p0 - chunk_p0) * CG).to(tl.float32)
-        t_mean = tl.sum(tl.sum(x, axis=2), axis=0) / tl.maximum(cnt, 1.0)
-        dev = tl.where(m, x - t_mean[None, :, None], 0.0)
-        t_m2 = tl.sum(tl.sum(dev * dev, axis=2), axis=0)
-        # Chan et al. merge of (prev, run_mean, run_m2) with (cnt, t_mean, t_m2).
-        frac = cnt / tl.maximum(prev + cnt, 1.0)
-        delta = t_mean - run_mean
-        run_mean += delta * frac
-        run_m2 += t_m2 + delta * delta * prev * frac
+        lane_n += tl.where(m, 1.0, 0.0)
+        delta = tl.where(m, x - lane_mean, 0.0)
+        lane_mean += delta * (1.0 / (i + 1.0))
+        lane_m2 += delta * (x - lane_mean)
+    # Chan et al. merge of the lanes of each group.
+    cnt = tl.sum(tl.sum(lane_n, axis=2), axis=0)
+    mean = tl.sum(tl.sum(lane_n * lane_mean, axis=2), axis=0) / tl.maximum(cnt, 1.0)
+    d = lane_mean - mean[None, :, None]
+    m2 = tl.sum(tl.sum(lane_m2 + lane_n * d * d, axis=2), axis=0)
     gg = g0 + tl.arange(0, BLOCK_G)
     out = (n * n_chunks + chunk) * G + gg
-    tl.store(PMEAN + out, run_mean, mask=gg < G)
-    tl.store(PM2 + out, run_m2, mask=gg < G)
+    tl.store(PMEAN + out, mean, mask=gg < G)
+    tl.store(PM2 + out, m2, mask=gg < G)
 
 
 @triton.jit
@@ -172,9 +178,9 @@ def _gn_bwd_reduce_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, PDW, PDB, HW, tiles
     b = tl.zeros([1, BLOCK_G, BLOCK_C], dtype=tl.float32)
     if HAS_B:
         b = tl.load(B + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
-    s1 = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
-    s2 = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
-    dwb = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+    # Per-lane sums in registers; reduced over the pixels once, after the loop.
+    lane_s1 = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_C], dtype=tl.float32)
+    lane_s2 = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_C], dtype=tl.float32)
     chunk_p0 = chunk * tiles_per_chunk * BLOCK_P
     for i in range(0, tiles_per_chunk):
         p = chunk_p0 + i * BLOCK_P + pp
@@ -184,8 +190,10 @@ def _gn_bwd_reduce_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, PDW, PDB, HW, tiles
         dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
         xhat, dz = _gn_dz(x, dy, mean, rstd, w, b, SILU)
         # dz is 0 on masked lanes (dy loaded as 0), so the products below are clean.
-        s1 += tl.sum(dz, axis=0)          # per channel sum(dz)        -> dbias
-        s2 += tl.sum(dz * xhat, axis=0)   # per channel sum(dz * xhat) -> dweight
+        lane_s1 += dz
+        lane_s2 += dz * xhat
+    s1 = tl.sum(lane_s1, axis=0)  # per channel sum(dz)        -> dbias
+    s2 = tl.sum(lane_s2, axis=0)  # per channel sum(dz * xhat) -> dweight
     # Per-group sums of dxhat = dz*w follow from the per-channel sums (w is per channel).
     w2 = tl.sum(w, axis=0)
     gs1 = tl.sum(s1 * w2, axis=1)
@@ -202,10 +210,11 @@ def _gn_bwd_reduce_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, PDW, PDB, HW, tiles
 
 
 @triton.jit
-def _gn_bwd_dx_kernel(X, DY, W, B, MEAN, RSTD, C1, C2, DX, HW, tiles_per_chunk, C: tl.constexpr,
+def _gn_bwd_dx_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, DX, HW, tiles_per_chunk, n_chunks, C: tl.constexpr,
                       G: tl.constexpr, CG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+                      BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     n = tl.program_id(0)
     chunk = tl.program_id(1)
     off_n = n.to(tl.int64) * HW * C
@@ -216,8 +225,20 @@ def _gn_bwd_dx_kernel(X, DY, W, B, MEAN, RSTD, C1, C2, DX, HW, tiles_per_chunk, 
     cmask = (g < G) & (c < CG)
     mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
     rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
-    c1 = tl.load(C1 + n * G + g, mask=g < G, other=0.0)
-    c2 = tl.load(C2 + n * G + g, mask=g < G, other=0.0)
+    # c1, c2: the group means of dxhat and dxhat * xhat, from the reduce kernel's chunk
+    # partials (each program sums them in the same order: deterministic, no extra launch).
+    k = tl.arange(0, BLOCK_K)[:, None]
+    gk = g0 + tl.arange(0, BLOCK_G)[None, :]
+    acc1 = tl.zeros([BLOCK_K, BLOCK_G], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_K, BLOCK_G], dtype=tl.float32)
+    for k0 in range(0, n_chunks, BLOCK_K):
+        kk = k0 + k
+        mk = (kk < n_chunks) & (gk < G)
+        acc1 += tl.load(PS1 + (n * n_chunks + kk) * G + gk, mask=mk, other=0.0)
+        acc2 += tl.load(PS2 + (n * n_chunks + kk) * G + gk, mask=mk, other=0.0)
+    count = HW * CG * 1.0
+    c1 = (tl.sum(acc1, axis=0) / count)[None, :, None]
+    c2 = (tl.sum(acc2, axis=0) / count)[None, :, None]
     w = tl.full([1, BLOCK_G, BLOCK_C], 1.0, tl.float32)
     if HAS_W:
         w = tl.load(W + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
@@ -309,10 +330,8 @@ def group_norm_bwd(x, dy, num_groups, weight, bias, mean, rstd, silu, channels_l
                                      plan.tiles_per_chunk, **flags, **plan.meta())
     dx = None
     if need_dx:
-        count = float(plan.HW * plan.CG)
-        c1 = ps1.sum(1).div_(count)
-        c2 = ps2.sum(1).div_(count)
         dx = alloc_like(x)
-        _gn_bwd_dx_kernel[plan.grid](x, dy, w_arg, b_arg, mean, rstd, c1, c2, dx, plan.HW,
-                                     plan.tiles_per_chunk, **flags, **plan.meta())
+        _gn_bwd_dx_kernel[plan.grid](x, dy, w_arg, b_arg, mean, rstd, ps1, ps2, dx, plan.HW,
+                                     plan.tiles_per_chunk, plan.n_chunks, **flags, **plan.meta(),
+                                     BLOCK_K=min(64, next_pow2(plan.n_chunks)))
     return dx, pdw.sum(0), pdb.sum(0)

@@ -217,7 +217,7 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, torch.nn.Mo
             loss_config = VAELossConfig.from_official(yaml.safe_load(handle))
     else:
         loss_config = VAELossConfig()
-    loss_fn = VAERegularizationLoss(loss_config)
+    loss_fn = VAERegularizationLoss(loss_config).set_fused_ops(config.fused_ops)  # fast LPIPS with the fused ops
     if os.path.isfile(config.lpips_vgg16_ckpt) and os.path.isfile(config.lpips_lin_ckpt):
         loss_fn.perceptual_loss.lpips.load_state_dict(
             LPIPS.from_files(config.lpips_vgg16_ckpt, config.lpips_lin_ckpt).state_dict())

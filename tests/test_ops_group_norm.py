@@ -87,6 +87,25 @@ def test_group_norm_no_affine(kernel_env):
 
 
 @needs_triton
+@pytest.mark.parametrize("case,channels_last,programs", [
+    ((1, 512, 27, 25, 32), True, 17),    # 85 tiles of 8 px: 17 chunks of 5 tiles, the last tile 3 px
+    ((1, 512, 27, 25, 32), True, 300),   # 85 chunks of one tile: > 64 partials per group to sum
+    ((1, 32, 97, 89, 32), False, 4),     # NCHW: 3 tiles of 4096 px in one chunk, the last partial
+    ((2, 32, 97, 89, 32), False, 300),   # NCHW: one tile per chunk
+], ids=["nhwc-17", "nhwc-300", "nchw-4", "nchw-300"])
+def test_group_norm_split_reduction_odd_sizes(kernel_env, monkeypatch, case, channels_last, programs):
+    """The per-lane statistics and backward sums across several tiles of a chunk with a
+    partial last tile, and the dx kernel's sum over many chunk partials."""
+    from repa_e_fast.kernels import group_norm as kgn
+
+    monkeypatch.setattr(kgn, "target_programs", lambda device: programs)
+    *shape, groups = case
+    plan = kgn._Plan(torch.empty(*shape, device="meta"), groups, channels_last)
+    assert plan.n_chunks > 1 or plan.tiles_per_chunk > 1
+    run_case(tuple(shape), groups, torch.float32, channels_last, "silu", seed=programs, offset=3.0)
+
+
+@needs_triton
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_group_norm_statistics_large_group_with_offset(kernel_env, channels_last):
     # Large groups with a mean offset of 100 (a naive fp32 E[x^2] - E[x]^2 loses ~4 digits

@@ -93,6 +93,12 @@ class VAERegularizationLoss(nn.Module):
         self.discriminator = NLayerDiscriminator(input_nc=3, ndf=64, n_layers=3)
         self.perceptual_loss = PerceptualLoss()
 
+    def set_fused_ops(self, enabled: bool) -> "VAERegularizationLoss":
+        """The fast LPIPS (``LPIPS.set_fast``: one 2B VGG batch, in-place ReLUs, one
+        function per tap); the discriminator and the other terms are unchanged."""
+        self.perceptual_loss.lpips.set_fast(enabled)
+        return self
+
     def discriminator_factor(self, global_step: int) -> float:
         return self.config.discriminator_factor if global_step >= self.config.discriminator_start else 0.0
 

@@ -76,6 +76,42 @@ def normalize_channels(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x / (torch.sqrt(torch.sum(x * x, dim=1, keepdim=True)) + eps)
 
 
+class _TapDistance(torch.autograd.Function):
+    """Per image: mean over pixels of sum_c w_c (a_c - b_c)^2, a = f0 / (||f0|| + eps),
+    b = f1 / (||f1|| + eps) (norms over channels). The reference builds the normalised
+    features, their difference, its square and the 1x1 conv output as full-size tensors,
+    each saved for backward; here only the per-pixel inverse norms are saved beside f0 and
+    f1 (which the VGG's ReLUs save anyway) and the backward recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, f0, f1, weight, eps):
+        if ctx.needs_input_grad[2]:
+            raise RuntimeError("LPIPS lin weights are frozen; _TapDistance gives no gradient for them")
+        w = weight.reshape(1, -1, 1, 1)
+        s0 = torch.linalg.vector_norm(f0, dim=1, keepdim=True)
+        s1 = torch.linalg.vector_norm(f1, dim=1, keepdim=True)
+        diff = f0 / (s0 + eps) - f1 / (s1 + eps)
+        ctx.save_for_backward(f0, f1, weight, s0, s1)
+        ctx.eps = eps
+        return (diff.square() * w).sum(dim=1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        f0, f1, weight, s0, s1 = ctx.saved_tensors
+        r0, r1 = 1.0 / (s0 + ctx.eps), 1.0 / (s1 + ctx.eps)
+        # dL/da = 2 w (a - b) grad / HW (= g; dL/db = -g). Through a = f r, r = 1 / (||f|| + eps):
+        # df = r g - f r^2 <f, g> / ||f||  (0 where ||f|| = 0, where f itself is 0).
+        g = (2.0 / (f0.shape[2] * f0.shape[3])) * grad * weight.reshape(1, -1, 1, 1) * (f0 * r0 - f1 * r1)
+
+        def through_norm(f, s, r, g):
+            dot = (f * g).sum(dim=1, keepdim=True)
+            return r * g - f * (r * r * dot / s.clamp_min(torch.finfo(s.dtype).tiny))
+
+        d0 = through_norm(f0, s0, r0, g) if ctx.needs_input_grad[0] else None
+        d1 = through_norm(f1, s1, r1, -g) if ctx.needs_input_grad[1] else None
+        return d0, d1, None, None
+
+
 class LPIPS(nn.Module):
     def __init__(self):
         super().__init__()
@@ -85,6 +121,17 @@ class LPIPS(nn.Module):
             setattr(self, f"lin{number}", NetLinLayer(channels))
         self.requires_grad_(False)
         self.eval()
+        self.fast = False
+
+    def set_fast(self, enabled: bool) -> "LPIPS":
+        """Fast path (same math in fp32): real and fake through the VGG as one 2B batch,
+        in-place ReLUs, and per tap one function for normalise, difference, lin weighting
+        and spatial mean (``_TapDistance``). Off: the official module's op sequence."""
+        self.fast = enabled
+        for module in self.net.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = enabled
+        return self
 
     def train(self, mode: bool = True) -> "LPIPS":
         # The official perceptual module forces eval mode on every call; keep dropout off always.
@@ -92,12 +139,23 @@ class LPIPS(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Distance per image, [N, 1, 1, 1]. Inputs are mapped with 2x - 1 first (R27)."""
+        if self.fast:
+            return self._fast_forward(input, target)
         taps0 = self.net(self.scaling_layer(2 * input - 1))
         taps1 = self.net(self.scaling_layer(2 * target - 1))
         total = 0
         for number, (f0, f1) in enumerate(zip(taps0, taps1)):
             diff = (normalize_channels(f0) - normalize_channels(f1)) ** 2
             total = total + getattr(self, f"lin{number}")(diff).mean(dim=[2, 3], keepdim=True)
+        return total
+
+    def _fast_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        batch = input.shape[0]
+        taps = self.net(self.scaling_layer(2 * torch.cat([input, target]) - 1))
+        total = 0
+        for number, tap in enumerate(taps):
+            weight = getattr(self, f"lin{number}").model[1].weight
+            total = total + _TapDistance.apply(tap[:batch], tap[batch:], weight, 1e-10)
         return total
 
     @classmethod
