@@ -109,7 +109,7 @@ def build_repae(model_name, batch, device, variant, smoke, compile_backend="indu
         vae = build_vae("f8d4")
         resolution = 256
     vae.set_fused_ops(fast)
-    loss_fn = VAERegularizationLoss()
+    loss_fn = VAERegularizationLoss().set_fused_ops(fast)  # fast: the one-batch fp32 LPIPS (lever 6)
     sit, vae, loss_fn = sit.to(device), vae.to(device), loss_fn.to(device)
     if fast and device.type == "cuda":
         # The VAE's convolutions and the LPIPS/discriminator convolutions on its output run
