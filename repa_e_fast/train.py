@@ -630,6 +630,13 @@ def reduce_logs(logs: Dict[str, torch.Tensor], runtime: Runtime) -> Dict[str, fl
     return dict(zip(keys, values.tolist()))
 
 
+def close_log_file() -> None:
+    global _log_file
+    if _log_file is not None:
+        _log_file.close()
+        _log_file = None
+
+
 def train(config: TrainConfig, runtime: Runtime, launcher: Optional[str] = None) -> int:
     """``launcher``: "deepspeed", "torchrun" or None (started directly)."""
     micro_batch = validate_world(config, runtime.world_size)
@@ -640,6 +647,7 @@ def train(config: TrainConfig, runtime: Runtime, launcher: Optional[str] = None)
     try:
         return _train(config, runtime, micro_batch, manager, lock, launcher)
     finally:
+        close_log_file()
         lock.release()
 
 
@@ -654,6 +662,8 @@ def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: Che
         except (ConfigError, RunFolderError) as caught:
             error = caught
     agree_on_start(runtime, error)
+    if runtime.is_main:  # before the resume checks, so their notices are in log.txt too
+        _log_file = open(experiment / "log.txt", "a", encoding="utf-8")
     resume_from = choose_resume(config, manager)
     resumed = read_resume_state(resume_from, runtime) if resume_from is not None else None
     if resumed is not None:
@@ -661,7 +671,6 @@ def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: Che
     seed_everything(config.seed + runtime.rank)
     if runtime.is_main:
         (experiment / "args.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-        _log_file = open(experiment / "log.txt", "a", encoding="utf-8")
     if config.train_mode == "ldm":
         from repa_e_fast.data.cached_latents import CachedLatentLoader
         from repa_e_fast.data.official_latents import OfficialLatentLoader
@@ -792,9 +801,6 @@ def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: Che
             bar.close()
         if logger is not None:
             logger.close()
-        if _log_file is not None:
-            _log_file.close()
-            _log_file = None
     return EXIT_OK
 
 

@@ -130,7 +130,8 @@ def test_generate_extract_vae_cache_latents_and_evaluate_refuse_files_that_run_c
         "cache_latents": ["repa_e_fast.cache_latents", "--data-dir", tmp_path / "images", "--output", tmp_path / "c",
                           "--vae", "f8d4", "--vae-ch", 32, "--vae-ckpt", evil, "--resolution", 32,
                           "--num-workers", 0, "--data-backend", "torch"],
-        "evaluate": ["repa_e_fast.evaluate", tmp_path / "samples.npz", tmp_path / "samples.npz", "--inception", evil],
+        "evaluate": ["repa_e_fast.evaluate", "--ref", tmp_path / "samples.npz", "--samples", tmp_path / "samples.npz",
+                     "--inception", evil],
     }
     for name, argv in commands.items():
         result = _module(*argv)
