@@ -53,3 +53,17 @@ def assert_same_weights(a, b, keys=("model", "ema", "vae", "discriminator")):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+
+
+def cache_demo_latents(output):
+    """Latents of the demo dataset through a random tiny f8d4 VAE (32 px), written by
+    ``cache_latents`` in a subprocess, as an LDM run reads them."""
+    from repa_e_fast.data import ensure_demo_dataset
+
+    cached = subprocess.run(
+        [sys.executable, "-m", "repa_e_fast.cache_latents", "--data-dir", str(ensure_demo_dataset()), "--output",
+         str(output), "--vae", "f8d4", "--vae-ch", "32", "--allow-random-vae", "--resolution", "32",
+         "--batch-size", "64", "--num-workers", "0", "--data-backend", "torch"],
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    return output

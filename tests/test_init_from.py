@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _paths import REPO
-from _train_helpers import checkpoint_dir, load_official, run_train, train_env
+from _train_helpers import cache_demo_latents, checkpoint_dir, load_official, run_train, train_env
 
 
 def test_deepspeed_loads_the_official_adam_states_into_zero_partitions(tmp_path):
@@ -32,15 +32,8 @@ def test_deepspeed_loads_the_official_adam_states_into_zero_partitions(tmp_path)
 
 
 def test_ldm_run_starts_from_an_official_ldm_only_checkpoint(tmp_path):
-    from repa_e_fast.data import ensure_demo_dataset
-
     cache = tmp_path / "latents"
-    cached = subprocess.run(
-        [sys.executable, "-m", "repa_e_fast.cache_latents", "--data-dir", str(ensure_demo_dataset()), "--output",
-         str(cache), "--vae", "f8d4", "--vae-ch", "32", "--allow-random-vae", "--resolution", "32",
-         "--batch-size", "64", "--num-workers", "0", "--data-backend", "torch"],
-        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
-    assert cached.returncode == 0, cached.stderr[-3000:]
+    cache_demo_latents(cache)
     ldm = ("--train-mode", "ldm", "--latents-path", cache)
     first = run_train(tmp_path / "a", *ldm, "--max-train-steps", 2, "--checkpointing-steps", 2)
     assert first.returncode == 0, first.stderr[-3000:]

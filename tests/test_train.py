@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _paths import REPO
-from _train_helpers import assert_same_weights, checkpoint_dir, load_official, run_train
+from _train_helpers import assert_same_weights, cache_demo_latents, checkpoint_dir, load_official, run_train
 from repa_e_fast.config import ConfigError, make_config, parse_config, validate_files, validate_world
 
 
@@ -115,19 +115,8 @@ def test_resume_is_bit_exact_and_official_checkpoints_resume(tmp_path):
 
 
 def test_ldm_training_on_cached_latents(tmp_path):
-    import subprocess
-    import sys
-
-    from _train_helpers import train_env
-    from repa_e_fast.data import ensure_demo_dataset
-
     cache = tmp_path / "latents"
-    cached = subprocess.run(
-        [sys.executable, "-m", "repa_e_fast.cache_latents", "--data-dir", str(ensure_demo_dataset()), "--output",
-         str(cache), "--vae", "f8d4", "--vae-ch", "32", "--allow-random-vae", "--resolution", "32",
-         "--batch-size", "64", "--num-workers", "0", "--data-backend", "torch"],
-        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
-    assert cached.returncode == 0, cached.stderr[-3000:]
+    cache_demo_latents(cache)
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["count"] == 400 and meta["num_classes"] == 10
     from repa_e_fast.data.cached_latents import CachedLatentLoader

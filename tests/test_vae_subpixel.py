@@ -2,16 +2,14 @@
 the source grid equals the official op sequence (float64 exactly up to rounding, fp32
 within rounding), in both memory formats; parity fixtures with it on."""
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from repa_e_fast import parity
 from repa_e_fast.models.vae import AutoencoderKL, Upsample, subpixel_upsample_conv
 
-from _paths import fixture
+from _paths import failed_parity_checks
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -48,15 +46,6 @@ def test_vae_decoder_with_subpixel_upsample_fp32():
 
 @pytest.mark.parametrize("name", ["vae_forward.pt", "e2e_step.pt"])
 def test_parity_fixtures_with_subpixel_upsample(monkeypatch, name):
-    path = fixture(name)
-    if not os.path.exists(path):
-        pytest.skip("reference fixture not present (it lives in ../shared beside the checkout)")
     monkeypatch.setattr(Upsample, "subpixel", True)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        results = parity.run_fixture(path)
-    finally:
-        torch.set_num_threads(previous)
-    failed = [r.line() for r in results if not r.passed]
+    failed, _ = failed_parity_checks(name)
     assert not failed, "\n".join(failed[:20])

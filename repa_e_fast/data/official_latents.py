@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .sources import DatasetError, H5Source, _h5_bytes, _import_h5py
+from .sources import DatasetError, H5Source, _h5_bytes, _import_h5py, h5_member_names
 
 
 class OfficialLatentLoader:
@@ -35,14 +35,8 @@ class OfficialLatentLoader:
                                    "preprocessing.py / cache_latents.py)")
         self.path = latents_h5
         self.images = H5Source(images_h5)
-        list_file = os.path.splitext(latents_h5)[0] + "_h5.json"
         with h5py.File(latents_h5, "r") as h5:
-            if os.path.isfile(list_file):
-                with open(list_file, encoding="utf-8") as handle:
-                    names = json.load(handle)
-            else:
-                names = []
-                h5.visit(names.append)
+            names = h5_member_names(h5, latents_h5)
             if "dataset.json" not in h5:
                 raise DatasetError(f"{latents_h5}: no 'dataset.json' labels inside")
             entries = json.loads(_h5_bytes(h5["dataset.json"][()]).decode("utf-8"))["labels"]

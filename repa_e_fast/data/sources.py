@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import stat
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 from PIL import Image
@@ -211,6 +211,18 @@ def _h5_bytes(value) -> bytes:
     return bytes(value)
 
 
+def h5_member_names(h5, path: str) -> List[str]:
+    """The names inside an official h5 file: from the ``<stem>_h5.json`` list the official
+    preprocessing writes beside it (fast), else by walking the file."""
+    list_file = os.path.splitext(path)[0] + "_h5.json"
+    if os.path.isfile(list_file):
+        with open(list_file, encoding="utf-8") as handle:
+            return json.load(handle)
+    names: List[str] = []
+    h5.visit(names.append)
+    return names
+
+
 class H5Source:
     """The official preprocessed ``images.h5`` (PNG bytes at the training resolution)."""
 
@@ -220,16 +232,9 @@ class H5Source:
     def __init__(self, path: str):
         h5py = _import_h5py()
         self.path = path
-        stem = os.path.splitext(path)[0]
-        list_file = stem + "_h5.json"
         extensions = image_extensions()
         with h5py.File(path, "r") as h5:
-            if os.path.isfile(list_file):
-                with open(list_file, encoding="utf-8") as f:
-                    names = json.load(f)
-            else:
-                names = []
-                h5.visit(names.append)
+            names = h5_member_names(h5, path)
             keys = sorted(n for n in names if os.path.splitext(n)[1].lower() in extensions)
             if not keys:
                 raise DatasetError(f"dataset path '{path}' contains no images")
