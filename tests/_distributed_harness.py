@@ -40,6 +40,13 @@ from repa_e_fast.losses.vae_loss import VAELossConfig, VAERegularizationLoss  # 
 from repa_e_fast.models.sit import SiT  # noqa: E402
 from repa_e_fast.models.vae import AutoencoderKL  # noqa: E402
 
+# oneDNN picks its convolution algorithm by batch size on some CPUs, so a conv over b images
+# differs in the last bit from the same images inside a batch of 2b; the discriminator's
+# BatchNorms amplify that to ~5e-5 after 3 steps (measured on this project's CI-type machine,
+# also at commit 0c92915). PyTorch's native convolutions are batch-invariant: the comparison
+# then measures the backends, not oneDNN (ddp: discriminator 1.7e-6).
+torch.backends.mkldnn.enabled = False
+
 WORLD = 2
 PER_RANK = 2  # b; the single-process reference uses 2b
 STEPS = 3     # k

@@ -51,7 +51,9 @@ def test_fast_path_saves_less_in_the_vae():
         # fused GroupNorm+SiLU saves its input and two fp32 statistics per group instead
         # of the GroupNorm output and the SiLU input
         assert fast["saved_bytes"][component] < reference["saved_bytes"][component]
-    assert fast["saved_bytes"]["LPIPS"] == reference["saved_bytes"]["LPIPS"]
+    # the fast LPIPS runs real and fake as one 2B batch through the VGG16, so it also saves
+    # the real half's activations (the trade for one pass instead of two)
+    assert fast["saved_bytes"]["LPIPS"] > reference["saved_bytes"]["LPIPS"]
 
 
 def test_bad_arguments_exit_2(capsys):
