@@ -5,7 +5,8 @@ accumulation, skipped steps, save/load, the precision templates, stage 3 refused
 All runs happen in ONE subprocess (tests/_distributed_harness.py: the single-process
 references, then 2 spawned ranks running every case one after another; DeepSpeed's import
 is slow); the tests read its results.json. Tolerances (fp32, k=3 steps, lr 1e-4, so each
-step moves a weight by up to ~1e-4): measured max errors are in docs/sections/distributed.md.
+step moves a weight by up to ~1e-4): measured max errors are in
+docs/distributed.md#what-was-measured-on-the-cpu.
 """
 
 import importlib.util

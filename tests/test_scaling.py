@@ -119,7 +119,8 @@ def test_report_rows_and_the_zero3_decision(report):
     assert all(0 < r["efficiency"] <= 1 for r in rows)
     memory = report["memory_gib_8_gpus"]
     assert memory["zero3"]["peak"] < memory["zero2"]["peak"] < memory["zero1"]["peak"] < memory["ddp"]["peak"]
-    # The decision written in the README: even plain DDP fits an 80 GB GPU at XL/2 batch 32,
+    # The decision in docs/distributed.md#zero-3--fsdp2-not-needed-on-80-gb-decided-with-numbers:
+    # even plain DDP fits an 80 GB GPU at XL/2 batch 32,
     # so ZeRO-3 / FSDP2 (which would save only the weights' shard) is not needed.
     assert memory["ddp"]["peak"] < 80 * 1e9 / 2**30
 

@@ -1,4 +1,4 @@
-"""The launch commands of the README: torchrun (DDP, 2 CPU ranks with gloo) and the deepspeed
+"""The launch commands of docs/training.md: torchrun (DDP, 2 CPU ranks with gloo) and the deepspeed
 launcher (DeepSpeed's CPU accelerator), each training, checkpointing and resuming."""
 
 import shutil
