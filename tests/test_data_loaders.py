@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from repa_e_fast.data import DatasetError, build_image_loader
-from repa_e_fast.data.order import SampleOrder
+from repa_e_fast.data.order import SampleOrder, epoch_permutation
 from repa_e_fast.data.prepare import prepare
-from repa_e_fast.data.records import epoch_permutation
 
 from test_data_common import RES, collect, folder_files, make_folder, make_official_h5, reference_crop
 
