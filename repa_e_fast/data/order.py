@@ -30,7 +30,7 @@ import numpy as np
 
 from .native_extension import require_native
 
-__all__ = ["SampleOrder", "epoch_permutation", "MAX_CONSECUTIVE_BAD", "IMPLEMENTATIONS"]
+__all__ = ["SampleOrder", "OrderCursor", "epoch_permutation", "MAX_CONSECUTIVE_BAD", "IMPLEMENTATIONS"]
 
 # A run of this many unreadable images in a row means the dataset itself is broken.
 MAX_CONSECUTIVE_BAD = 1000
@@ -112,6 +112,11 @@ class SampleOrder:
             self._flips = None
             self._cached_epoch = epoch
 
+    def settings(self) -> dict:
+        """What defines the order, as saved in a loader's or reader's state_dict."""
+        return {"seed": self.seed, "shuffle": self.shuffle, "drop_last": self.drop_last,
+                "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank}
+
     def batch_positions(self, batch: int) -> np.ndarray:
         """Permutation positions of this rank's batch ``batch`` (int64)."""
         if not 0 <= batch < self.num_batches:
@@ -132,3 +137,32 @@ class SampleOrder:
         perm = self.permutation(epoch)
         for step in range(min(MAX_CONSECUTIVE_BAD, self.num_images)):
             yield int(perm[(position + step) % self.num_images])
+
+
+class OrderCursor:
+    """A place in a ``SampleOrder``: the epoch, and how many of its batches were handed out.
+
+    The base of the image loaders and the record reader, which set ``order``, ``_epoch``
+    and ``_position``; the same cursor means the same next batch on all of them.
+    """
+
+    order: SampleOrder
+    _epoch: int
+    _position: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.order.batch_size
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self.order.num_batches
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch already handed out."""
+        return self._position

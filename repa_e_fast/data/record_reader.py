@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .native_extension import native_available, require_native
-from .order import IMPLEMENTATIONS, SampleOrder
+from .order import IMPLEMENTATIONS, OrderCursor, SampleOrder
 from .record_format import (FORMAT_VERSION, HEADER_SIZE, is_torch_tensor, read_header, read_record_crcs,
                             record_crc32, record_crcs_path, torch_to_numpy)
 
@@ -48,7 +48,7 @@ def _buffers_free(pair) -> int:
 _FREE_REFS = _buffers_free((np.empty(1), np.empty(1)))
 
 
-class RecordReader:
+class RecordReader(OrderCursor):
     """Batches of records from a record file: shuffled, rank-sharded, resumable.
 
     ``for records, labels in reader:`` runs from the current cursor to the end of the
@@ -114,24 +114,17 @@ class RecordReader:
         self.info = read_header(path)
         self.record_crcs = read_record_crcs(self.info)
         self.path = path
-        self.batch_size = int(batch_size)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.seed = int(seed)
-        self.shuffle = bool(shuffle)
-        self.drop_last = bool(drop_last)
         self.prefetch = int(prefetch)
         self.as_torch = bool(as_torch)
         self.pin_memory = bool(pin_memory)
         n = self.info.count
         self.implementation = "native" if (implementation != "python" and native_available()) else "python"
-        self.order = SampleOrder(n, self.batch_size, self.rank, self.world_size, self.seed, self.shuffle,
-                                 self.drop_last, implementation=self.implementation)
-        self._num_batches = self.order.num_batches
-        if self._num_batches == 0:
+        self.order = SampleOrder(n, int(batch_size), int(rank), int(world_size), int(seed), bool(shuffle),
+                                 bool(drop_last), implementation=self.implementation)
+        if self.order.num_batches == 0:
             raise ValueError(
-                f"record file '{path}': {n} records give no batch of {self.batch_size} per rank "
-                f"for {self.world_size} rank(s) (drop_last={self.drop_last})"
+                f"record file '{path}': {n} records give no batch of {batch_size} per rank "
+                f"for {world_size} rank(s) (drop_last={bool(drop_last)})"
             )
 
         self.num_threads = int(num_threads) if self.implementation == "native" else 1
@@ -158,19 +151,6 @@ class RecordReader:
 
     # ---------------------------------------------------------------- cursor
 
-    def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        return self._num_batches
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def position(self) -> int:
-        """Batches of the current epoch already returned."""
-        return self._position
-
     @property
     def num_records(self) -> int:
         return self.info.count
@@ -194,12 +174,7 @@ class RecordReader:
             "format": FORMAT_VERSION,
             "epoch": self._epoch,
             "position": self._position,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "drop_last": self.drop_last,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-            "rank": self.rank,
+            **self.order.settings(),
             "num_records": self.info.count,
         }
 
@@ -220,10 +195,10 @@ class RecordReader:
                     f"but this reader has {key}={mine!r}"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self._num_batches:
+        if epoch < 0 or not 0 <= position <= self.order.num_batches:
             raise ValueError(
                 f"record file '{self.path}': bad cursor epoch={epoch} position={position} "
-                f"(epoch has {self._num_batches} batches)"
+                f"(epoch has {self.order.num_batches} batches)"
             )
         self._drain()
         self._epoch, self._position = epoch, position
@@ -315,7 +290,7 @@ class RecordReader:
             if self._pending and self._pending[0][0] != batch:
                 self._drain()
             next_batch = self._pending[-1][0] + 1 if self._pending else batch
-            while next_batch < self._num_batches and len(self._pending) <= self.prefetch:
+            while next_batch < self.order.num_batches and len(self._pending) <= self.prefetch:
                 self._submit(next_batch)
                 next_batch += 1
             _, ticket, pair, n = self._pending.pop(0)
@@ -336,7 +311,7 @@ class RecordReader:
         return self._epoch_iterator()
 
     def _epoch_iterator(self):
-        while self._position < self._num_batches:
+        while self._position < self.order.num_batches:
             yield self._next_batch()
         self._drain()
         self._epoch += 1
@@ -394,7 +369,7 @@ class RecordReader:
                 raise ValueError(f"record file '{self.path}': file has no labels")
             lab = self._as_out_array(labels_out, "labels_out", np.dtype(np.int64), ())
         self._drain()
-        if self._position >= self._num_batches:
+        if self._position >= self.order.num_batches:
             self._epoch += 1
             self._position = 0
             return 0
@@ -484,6 +459,6 @@ class RecordReader:
         return (
             f"RecordReader({self.path!r}, {self.info.count} x {self.info.dtype}"
             f"{list(self.info.record_shape)}, batch_size={self.batch_size}, "
-            f"rank={self.rank}/{self.world_size}, implementation={self.implementation}, epoch={self._epoch}, "
-            f"position={self._position}/{self._num_batches})"
+            f"rank={self.order.rank}/{self.order.world_size}, implementation={self.implementation}, "
+            f"epoch={self._epoch}, position={self._position}/{self.order.num_batches})"
         )
