@@ -8,8 +8,8 @@ stores, spec section 9.2):
   * SiT-XL/2 on SD-VAE f8d4 latents 4x32x32 -> record [8, 32, 32], fp32 and fp16;
   * f16d32 latents 32x16x16 -> record [64, 16, 16], fp32;
 it measures samples/s at batch 256 for
-  * RecordReader, native backend, 1, 2, ... all threads (first epoch: includes mmap page
-    faults; second epoch: steady state), and the NumPy fallback backend;
+  * RecordReader, native implementation, 1, 2, ... all threads (first epoch: includes mmap
+    page faults; second epoch: steady state), and the Python (NumPy) fallback;
   * a baseline Dataset over numpy.memmap returning one record per __getitem__, default
     collate, torch DataLoader with num_workers 0 and 2, shuffle=True;
 plus memory-copy bandwidth for the ceiling: large NumPy copies (DRAM to DRAM, 1 and all
@@ -33,8 +33,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from repa_e_fast.data import records as R
-from repa_e_fast.data.records import RecordReader, RecordWriter
+from repa_e_fast.data.native_extension import native_available, native_unavailable_reason
+from repa_e_fast.data.record_format import read_header
+from repa_e_fast.data.record_reader import RecordReader
+from repa_e_fast.data.record_writer import RecordWriter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -72,7 +74,7 @@ class MemmapDataset(Dataset):
     """The usual per-sample loader: one record (copied out of the memmap) per call."""
 
     def __init__(self, path):
-        info = R.read_header(path)
+        info = read_header(path)
         self.x = np.memmap(path, dtype=info.storage_dtype, mode="r", offset=info.data_offset,
                            shape=(info.count, *info.record_shape))
         self.y = np.memmap(path, dtype="<i8", mode="r", offset=info.labels_offset, shape=(info.count,))
@@ -120,17 +122,17 @@ def epochs(loader, first_epoch):
         e += 1
 
 
-def bench_reader(path, batch, backend, threads, max_seconds):
-    """(first-epoch samples/s, steady samples/s, samples timed, backend) of RecordReader.
+def bench_reader(path, batch, implementation, threads, max_seconds):
+    """(first-epoch samples/s, steady samples/s, samples timed, implementation) of RecordReader.
 
     The first epoch pays the page faults of a fresh mapping; steady state runs the
     following epochs (one epoch of these files is only ~0.1 s) for max_seconds.
     """
-    with RecordReader(path, batch, backend=backend, num_threads=threads, seed=0,
+    with RecordReader(path, batch, implementation=implementation, num_threads=threads, seed=0,
                       as_torch=True, prefetch=2) as r:
         first, _ = time_batches(r, len(r), max_seconds)
         steady, n = time_batches(epochs(r, 1), 10**9, max_seconds, windows=3)
-        return first, steady, n, r.backend
+        return first, steady, n, r.implementation
 
 
 def bench_dataloader(path, batch, workers, max_seconds):
@@ -201,8 +203,8 @@ def main():
         ("f16d32 mean+std", (64, 16, 16), "float32", int(args.records * 0.6)),
     ]
     print(f"repa_e_fast record store benchmark — {cpu_model()}, {ncores} cores, "
-          f"load avg {load_start:.2f}, native available: {R.native_available()} "
-          f"({R.native_unavailable_reason() or 'ok'})")
+          f"load avg {load_start:.2f}, native available: {native_available()} "
+          f"({native_unavailable_reason() or 'ok'})")
     big = 256 << 20 if not args.quick else 32 << 20
     bw_1 = memcpy_bandwidth(big, 1)
     bw_all = memcpy_bandwidth(big // ncores, ncores)
@@ -221,27 +223,27 @@ def main():
     for name, shape, dtype, n in configs:
         path = os.path.join(args.dir, f"bench_records_{'x'.join(map(str, shape))}_{dtype}.rec")
         write_file(path, n, shape, dtype)
-        rec_bytes = R.read_header(path).record_bytes
+        rec_bytes = read_header(path).record_bytes
         label = f"{name} {dtype} [{','.join(map(str, shape))}]"
         rows = []
         dl0, n0 = bench_dataloader(path, args.batch, 0, args.seconds)
         rows.append(("DataLoader memmap, workers=0", dl0, None, n0, "baseline"))
         dl2, n2 = bench_dataloader(path, args.batch, 2, args.seconds)
         rows.append(("DataLoader memmap, workers=2", dl2, None, n2, "baseline"))
-        first, steady, nn, be = bench_reader(path, args.batch, "numpy", 1, args.seconds)
-        rows.append(("RecordReader numpy", steady, first, nn, be))
-        if R.native_available():
+        first, steady, nn, impl = bench_reader(path, args.batch, "python", 1, args.seconds)
+        rows.append(("RecordReader python", steady, first, nn, impl))
+        if native_available():
             for t in thread_counts:
-                first, steady, nn, be = bench_reader(path, args.batch, "native", t, args.seconds)
-                rows.append((f"RecordReader native, {t} thr", steady, first, nn, be))
-        for loader, rate, first, nsamp, be in rows:
+                first, steady, nn, impl = bench_reader(path, args.batch, "native", t, args.seconds)
+                rows.append((f"RecordReader native, {t} thr", steady, first, nn, impl))
+        for loader, rate, first, nsamp, impl in rows:
             gbs = rate * rec_bytes / 1e9
             print(f"{label:42s} {loader:28s} {rate:11,.0f} {gbs:7.2f} {rate / dl0:8.1f}x "
                   f"{100 * gbs * 1e9 / bw:8.0f}%"
                   + (f"   (1st epoch {first:,.0f}/s)" if first is not None else ""))
             results.append({
                 "record": name, "shape": list(shape), "dtype": dtype, "record_bytes": rec_bytes,
-                "records_in_file": n, "batch_size": args.batch, "loader": loader, "backend": be,
+                "records_in_file": n, "batch_size": args.batch, "loader": loader, "implementation": impl,
                 "samples_per_s": rate, "first_epoch_samples_per_s": first, "gb_per_s": gbs,
                 "samples_timed": nsamp, "speedup_vs_dataloader_w0": rate / dl0,
                 "speedup_vs_dataloader_w2": rate / dl2, "fraction_of_memcpy": gbs * 1e9 / bw,
@@ -253,7 +255,7 @@ def main():
     out = args.out or os.path.join(HERE, "results", f"records_cpu_{date}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     meta = {
-        "benchmark": "record store (repa_e_fast.data.records)",
+        "benchmark": "record store (repa_e_fast.data.record_reader)",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "cores": ncores, "platform": platform.platform(),
                     "python": platform.python_version(), "numpy": np.__version__,
@@ -261,8 +263,8 @@ def main():
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         # The machine may be shared: load before and after says how much it was.
         "loadavg_1min_start_end": [load_start, os.getloadavg()[0]],
-        "native_available": R.native_available(),
-        "native_unavailable_reason": R.native_unavailable_reason(),
+        "native_available": native_available(),
+        "native_unavailable_reason": native_unavailable_reason(),
         "memcpy_gb_per_s_1_thread": bw_1 / 1e9,
         "memcpy_gb_per_s_all_threads": bw_all / 1e9,
         "memcpy_reference_gb_per_s": bw / 1e9,

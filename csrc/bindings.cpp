@@ -1,8 +1,8 @@
 // The extension module repa_e_fast._C (the only PYBIND11_MODULE in csrc/).
 //
 // Host-side speed for the data path: the record store behind
-// repa_e_fast.data.records.RecordReader. Import it through that module, which falls
-// back to NumPy when this extension is missing.
+// repa_e_fast.data.record_reader.RecordReader. Import it through
+// repa_e_fast/data/native_extension.py; the reader falls back to NumPy when it is missing.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -31,7 +31,7 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       py::arg("n"), py::arg("seed"), py::arg("epoch"),
-      "Epoch permutation of range(n) (definition in records.py / csrc/shuffle.h).");
+      "Epoch permutation of range(n) (definition in data/order.py / csrc/shuffle.h).");
 
   m.def(
       "crc32",

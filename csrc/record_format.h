@@ -1,6 +1,6 @@
 // On-disk layout of a repa_e_fast record file (format version 1).
 //
-// The byte-by-byte description lives in the docstring of repa_e_fast/data/records.py;
+// The byte-by-byte description lives in the docstring of repa_e_fast/data/record_format.py;
 // this header mirrors it. Everything is little-endian.
 //
 //   [0, 4096)                        header (148 meaningful bytes, rest zero)
@@ -44,7 +44,7 @@ constexpr size_t kOffPayloadCrc = 132;
 // 136..143 reserved (zero)
 
 // Element size for a dtype code, 0 when the code is unknown. Codes are defined in
-// records.py (_DTYPES) and must stay in sync.
+// record_format.py (DTYPES) and must stay in sync.
 size_t dtype_itemsize(uint32_t code);
 
 struct Header {

@@ -1,7 +1,7 @@
 // Memory-mapped record file plus a pool of native threads that gather records into
 // caller-provided buffers without the GIL.
 //
-// Usage from Python (records.py does this): submit(indices, out, labels_out) queues a
+// Usage from Python (record_reader.py does this): submit(indices, out, labels_out) queues a
 // gather job and returns a ticket at once; wait(ticket) blocks (GIL released) until
 // that job is done. Jobs run in submission order, each split across the threads, so a
 // few submitted jobs are the prefetch queue.

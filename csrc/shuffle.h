@@ -1,6 +1,6 @@
-// Deterministic epoch permutation shared by the native and NumPy backends.
+// Deterministic epoch permutation shared by the native and NumPy implementations.
 //
-// Definition (records.py reproduces it with vectorised NumPy uint64 arithmetic):
+// Definition (repa_e_fast/data/order.py reproduces it with vectorised NumPy uint64 arithmetic):
 //   mix64(z)     = splitmix64 finaliser: z ^= z>>30; z *= 0xBF58476D1CE4E5B9;
 //                  z ^= z>>27; z *= 0x94D049BB133111EB; z ^= z>>31   (all mod 2^64)
 //   s            = mix64(mix64(seed) ^ epoch)

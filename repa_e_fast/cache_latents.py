@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from .data.cached_latents import IMAGES_FILE, LATENTS_FILE, META_FILE
-from .data.records import HEADER_SIZE, RecordWriter, read_header
+from .data.record_format import HEADER_SIZE, read_header
+from .data.record_writer import RecordWriter
 from .models.checkpoints import CheckpointError
 
 

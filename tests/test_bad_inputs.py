@@ -265,7 +265,7 @@ def _flip_bit(path, offset):
 ])
 def test_bit_flip_in_a_latent_cache_is_reported_by_file_and_record(latent_cache, tmp_path, file, where, record):
     from repa_e_fast.data.cached_latents import CachedLatentLoader
-    from repa_e_fast.data.records import read_header
+    from repa_e_fast.data.record_format import read_header
     from repa_e_fast.data.sources import DatasetError
 
     cache = _copy_of(latent_cache, tmp_path)

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from repa_e_fast.data import DatasetError, build_image_loader
-from repa_e_fast.data.order import SampleOrder
+from repa_e_fast.data.order import SampleOrder, epoch_permutation
+from repa_e_fast.data.native_extension import native_available, native_unavailable_reason
 from repa_e_fast.data.prepare import prepare
-from repa_e_fast.data.records import epoch_permutation
+from repa_e_fast.data.record_reader import RecordReader
+from repa_e_fast.data.record_writer import RecordWriter
 
 from test_data_common import RES, collect, folder_files, make_folder, make_official_h5, reference_crop
 
@@ -104,6 +106,32 @@ def test_one_rank_of_2b_equals_two_ranks_of_b(datasets):
     assert sorted(first_epoch.tolist()) == list(range(12))
     assert big[0][2].tolist() != big[3][2].tolist()  # a new permutation per epoch
 
+
+@pytest.mark.parametrize("implementation", ["python", "native"])
+@pytest.mark.parametrize("world_size,batch_size,drop_last", [(1, 5, False), (2, 2, True), (2, 5, False)])
+def test_record_reader_and_image_loader_share_one_order(datasets, tmp_path, implementation, world_size,
+                                                        batch_size, drop_last):
+    # Cached latents (a RecordReader) and images (the loaders) of the same dataset, seed and
+    # sharding must visit the images in the same order, also after a resume mid-epoch.
+    if implementation == "native" and not native_available():
+        pytest.skip(f"native extension not built: {native_unavailable_reason()}")
+    path = tmp_path / "indices.rec"
+    with RecordWriter(path, "uint8", (1,)) as writer:
+        writer.append(np.zeros((12, 1), np.uint8), np.arange(12))  # label = dataset index
+    settings = dict(world_size=world_size, seed=5, drop_last=drop_last)
+    for rank in range(world_size):
+        loader = build_image_loader(datasets["prepared"], batch_size, resolution=RES, rank=rank,
+                                    num_workers=0, return_indices=True, **settings)
+        with RecordReader(path, batch_size, rank=rank, implementation=implementation, **settings) as reader:
+            assert len(reader) == len(loader) == SampleOrder(12, batch_size, rank, shuffle=True, **settings).num_batches
+            images = [b[2].tolist() for b in collect(loader, epochs=2)]
+            records = [labels.tolist() for _ in range(2) for _, labels in reader]
+            assert images == records and len(images) == 2 * len(loader)
+            reader.set_epoch(1)
+            next(iter(reader))
+            cursor = reader.state_dict()  # the same (epoch, position) means the same next batch
+            loader.load_state_dict(loader.state_dict() | {"epoch": cursor["epoch"], "position": cursor["position"]})
+            assert [b[2].tolist() for b in collect(loader)] == records[len(loader) + 1:]
 
 def test_order_tail_and_drop_last():
     # 10 images, batch 2, 2 ranks: global batch 4 -> 2 full steps, tail of 2.

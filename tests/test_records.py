@@ -1,7 +1,8 @@
-"""Tests for the record store (repa_e_fast.data.records and the native repa_e_fast._C).
+"""Tests for the record store (repa_e_fast.data.record_format / record_writer / record_reader,
+the sample order they share with the loaders, and the native repa_e_fast._C).
 
 Everything here runs on a CPU in a few seconds: files of at most a few thousand tiny
-records in tmp_path. The native half of the backend comparisons is skipped (with the
+records in tmp_path. The native half of the implementation comparisons is skipped (with the
 reason) only when the extension is not built; CI builds it.
 """
 
@@ -16,20 +17,24 @@ import numpy as np
 import pytest
 import torch
 
-from repa_e_fast.data import records as R
-from repa_e_fast.data.records import RecordReader, RecordWriter, epoch_permutation, read_header
+from repa_e_fast.data import order
+from repa_e_fast.data.native_extension import native_available, native_unavailable_reason
+from repa_e_fast.data.order import epoch_permutation
+from repa_e_fast.data.record_format import DTYPES, read_header, record_crcs_path
+from repa_e_fast.data.record_reader import RecordReader
+from repa_e_fast.data.record_writer import RecordWriter
 
-NATIVE = R.native_available()
+NATIVE = native_available()
 needs_native = pytest.mark.skipif(
-    not NATIVE, reason=f"native extension not built: {R.native_unavailable_reason()}"
+    not NATIVE, reason=f"native extension not built: {native_unavailable_reason()}"
 )
-BACKENDS = ["numpy", pytest.param("native", marks=needs_native)]
+IMPLEMENTATIONS = ["python", pytest.param("native", marks=needs_native)]
 
 
 def make_file(path, n=203, shape=(8, 4, 4), dtype="float16", labels=True, seed=0, chunks=(50, 1)):
     """Write n random records in uneven appends; return (records, labels)."""
     rng = np.random.default_rng(seed)
-    storage = R._DTYPES[dtype][1]
+    storage = DTYPES[dtype][1]
     if storage.kind == "f":
         x = rng.standard_normal((n, *shape)).astype(storage)
     else:
@@ -58,23 +63,23 @@ def all_batches(reader, copy=True):
 
 def test_splitmix64_matches_reference_vectors():
     # Published splitmix64 outputs for state 1234567 (state advanced before mixing).
-    outs = [R._mix64_int(1234567 + k * 0x9E3779B97F4A7C15) for k in (1, 2, 3)]
+    outs = [order._mix64_int(1234567 + k * 0x9E3779B97F4A7C15) for k in (1, 2, 3)]
     assert outs == [6457827717110365317, 3203168211198807973, 9817491932198370423]
     z = np.array([1234567 + 0x9E3779B97F4A7C15], dtype=np.uint64)
-    assert int(R._mix64_np(z)[0]) == 6457827717110365317
+    assert int(order._mix64_np(z)[0]) == 6457827717110365317
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_epoch_permutation_is_a_permutation_and_backends_agree(backend):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_epoch_permutation_is_a_permutation_and_implementations_agree(implementation):
     for n, seed, epoch in [(1, 0, 0), (10, 0, 0), (1000, 7, 3), (4097, 2**64 - 1, 12345)]:
-        p = epoch_permutation(n, seed, epoch, backend=backend)
+        p = epoch_permutation(n, seed, epoch, implementation=implementation)
         assert p.dtype == np.int64
         assert np.array_equal(np.sort(p), np.arange(n))
-        assert np.array_equal(p, epoch_permutation(n, seed, epoch, backend="numpy"))
+        assert np.array_equal(p, epoch_permutation(n, seed, epoch, implementation="python"))
     # Different epochs and seeds give different orders.
-    a = epoch_permutation(1000, 7, 3, backend=backend)
-    assert not np.array_equal(a, epoch_permutation(1000, 7, 4, backend=backend))
-    assert not np.array_equal(a, epoch_permutation(1000, 8, 3, backend=backend))
+    a = epoch_permutation(1000, 7, 3, implementation=implementation)
+    assert not np.array_equal(a, epoch_permutation(1000, 7, 4, implementation=implementation))
+    assert not np.array_equal(a, epoch_permutation(1000, 8, 3, implementation=implementation))
 
 
 def test_header_layout_byte_by_byte(tmp_path):
@@ -108,7 +113,7 @@ def test_header_layout_byte_by_byte(tmp_path):
 # ----------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize(
     "dtype,shape,labels",
     [
@@ -120,18 +125,18 @@ def test_header_layout_byte_by_byte(tmp_path):
         ("float64", (), False),
     ],
 )
-def test_round_trip(tmp_path, backend, dtype, shape, labels):
+def test_round_trip(tmp_path, implementation, dtype, shape, labels):
     path = tmp_path / f"rt_{dtype}.rec"
     x, y = make_file(path, n=101, shape=shape, dtype=dtype, labels=labels)
     info = read_header(path)
     assert (info.dtype, info.record_shape, info.count, info.has_labels) == (dtype, shape, 101, labels)
-    with RecordReader(path, batch_size=16, shuffle=False, drop_last=False, backend=backend) as r:
-        assert r.backend == backend
+    with RecordReader(path, batch_size=16, shuffle=False, drop_last=False, implementation=implementation) as r:
+        assert r.implementation == implementation
         assert r.verify()
         got = all_batches(r)
         assert [len(b[0]) for b in got] == [16] * 6 + [5]
         rec = np.concatenate([b[0] for b in got])
-        assert rec.dtype == R._DTYPES[dtype][1]
+        assert rec.dtype == DTYPES[dtype][1]
         assert np.array_equal(rec.view(np.uint8), x.view(np.uint8))  # bitwise (NaN-safe)
         if labels:
             assert np.array_equal(np.concatenate([b[1] for b in got]), y)
@@ -155,7 +160,7 @@ def test_bfloat16_torch_round_trip(tmp_path):
     assert torch.equal(torch.cat(labs), torch.arange(40))
 
 
-# ----------------------------------------------------------------------------- backends agree
+# ----------------------------------------------------------------------------- implementations agree
 
 
 @needs_native
@@ -165,8 +170,8 @@ def test_native_and_numpy_give_identical_batches(tmp_path, world_size, drop_last
     make_file(path, n=500, shape=(4, 2, 2), dtype="float32")
     for rank in range(world_size):
         kw = dict(batch_size=32, rank=rank, world_size=world_size, seed=11, drop_last=drop_last)
-        with RecordReader(path, backend="native", num_threads=3, **kw) as a, RecordReader(
-            path, backend="numpy", **kw
+        with RecordReader(path, implementation="native", num_threads=3, **kw) as a, RecordReader(
+            path, implementation="python", **kw
         ) as b:
             for epoch in range(3):
                 ba, bb = all_batches(a), all_batches(b)
@@ -176,16 +181,16 @@ def test_native_and_numpy_give_identical_batches(tmp_path, world_size, drop_last
             assert a.epoch == b.epoch == 3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_threads_and_prefetch_do_not_change_batches(tmp_path, backend):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_threads_and_prefetch_do_not_change_batches(tmp_path, implementation):
     path = tmp_path / "tp.rec"
     x, y = make_file(path, n=300, shape=(5,), dtype="int64")
     ref = None
     for threads, prefetch in [(1, 0), (2, 1), (3, 4)]:
-        with RecordReader(path, 25, seed=5, num_threads=threads, prefetch=prefetch, backend=backend) as r:
+        with RecordReader(path, 25, seed=5, num_threads=threads, prefetch=prefetch, implementation=implementation) as r:
             got = all_batches(r)
             for i, (rec, lab) in enumerate(got):
-                idx = r.batch_indices(i, epoch=0)
+                idx = r.order.batch_indices(0, i)
                 assert np.array_equal(rec, x[idx]) and np.array_equal(lab, y[idx])
         if ref is None:
             ref = got
@@ -195,10 +200,10 @@ def test_threads_and_prefetch_do_not_change_batches(tmp_path, backend):
 # ----------------------------------------------------------------------------- sharding
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("drop_last", [True, False])
-def test_rank_shards_disjoint_and_complete(tmp_path, backend, world_size, drop_last):
+def test_rank_shards_disjoint_and_complete(tmp_path, implementation, world_size, drop_last):
     n, bs = 257, 10
     path = tmp_path / "shards.rec"
     # Label = record index, so labels identify the samples each rank received.
@@ -207,7 +212,7 @@ def test_rank_shards_disjoint_and_complete(tmp_path, backend, world_size, drop_l
     per_rank, lens = [], set()
     for rank in range(world_size):
         with RecordReader(path, bs, rank=rank, world_size=world_size, seed=3,
-                          drop_last=drop_last, backend=backend) as r:
+                          drop_last=drop_last, implementation=implementation) as r:
             labs = [lab.copy() for _, lab in r]
             lens.add(len(labs))
             per_rank.append(np.concatenate(labs))
@@ -236,24 +241,24 @@ def test_rank_shards_disjoint_and_complete(tmp_path, backend, world_size, drop_l
 # ----------------------------------------------------------------------------- resume / determinism
 
 
-@pytest.mark.parametrize("src,dst", [("numpy", "numpy"),
+@pytest.mark.parametrize("src,dst", [("python", "python"),
                                      pytest.param("native", "native", marks=needs_native),
-                                     pytest.param("native", "numpy", marks=needs_native)])
+                                     pytest.param("native", "python", marks=needs_native)])
 def test_resume_mid_epoch_gives_the_same_remaining_batches(tmp_path, src, dst):
     path = tmp_path / "resume.rec"
     make_file(path, n=400, shape=(3, 3), dtype="float16")
     kw = dict(batch_size=16, rank=1, world_size=2, seed=9, drop_last=False)
-    with RecordReader(path, backend=src, **kw) as ref:
+    with RecordReader(path, implementation=src, **kw) as ref:
         ref.set_epoch(2)
         expected = all_batches(ref) + all_batches(ref)  # epoch 2, then epoch 3
-    with RecordReader(path, backend=src, prefetch=3, **kw) as a:
+    with RecordReader(path, implementation=src, prefetch=3, **kw) as a:
         a.set_epoch(2)
         it = iter(a)
         for _ in range(5):
             next(it)  # prefetched batches beyond these must not count as consumed
         state = a.state_dict()
     assert (state["epoch"], state["position"]) == (2, 5)
-    with RecordReader(path, backend=dst, **kw) as b:
+    with RecordReader(path, implementation=dst, **kw) as b:
         b.load_state_dict(state)
         b.set_epoch(2)  # same epoch: a no-op, keeps the resumed position
         rest = all_batches(b)
@@ -267,22 +272,21 @@ def test_resume_mid_epoch_gives_the_same_remaining_batches(tmp_path, src, dst):
 def test_read_batch_into_follows_the_cursor(tmp_path):
     path = tmp_path / "into.rec"
     x, y = make_file(path, n=70, shape=(4,), dtype="float32")
-    backends = ["numpy", "native"] if NATIVE else ["numpy"]
-    for backend in backends:
-        with RecordReader(path, 32, seed=1, drop_last=False, backend=backend) as r:
+    for implementation in IMPLEMENTATIONS_AVAILABLE:
+        with RecordReader(path, 32, seed=1, drop_last=False, implementation=implementation) as r:
             out = torch.full((32, 4), float("nan"))
             lab = np.full(32, -1, np.int64)
             sizes = []
             for b in range(3):
                 n = r.read_batch_into(out, lab)
-                idx = r.batch_indices(b, epoch=0)
+                idx = r.order.batch_indices(0, b)
                 assert n == len(idx)
                 assert np.array_equal(out.numpy()[:n], x[idx]) and np.array_equal(lab[:n], y[idx])
                 sizes.append(n)
             assert sizes == [32, 32, 6]
             assert r.read_batch_into(out, lab) == 0 and (r.epoch, r.position) == (1, 0)
             r.read_batch_into(out)
-            assert np.array_equal(out.numpy(), x[r.batch_indices(0, epoch=1)])
+            assert np.array_equal(out.numpy(), x[r.order.batch_indices(1, 0)])
 
 
 def test_deterministic_across_processes(tmp_path):
@@ -290,28 +294,28 @@ def test_deterministic_across_processes(tmp_path):
     make_file(path, n=300, shape=(2,), dtype="float32")
     code = (
         "import sys, numpy as np, zlib\n"
-        "from repa_e_fast.data.records import RecordReader\n"
-        "r = RecordReader(sys.argv[1], 20, seed=123, backend='numpy')\n"
+        "from repa_e_fast.data.record_reader import RecordReader\n"
+        "r = RecordReader(sys.argv[1], 20, seed=123, implementation='python')\n"
         "r.set_epoch(4)\n"
         "print(zlib.crc32(b''.join(a.tobytes() + b.tobytes() for a, b in r)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                          check=True, env={**os.environ, "REPA_E_FAST_NO_NATIVE": "1"})
-    for backend in ["numpy", "native"] if NATIVE else ["numpy"]:
-        with RecordReader(path, 20, seed=123, backend=backend) as r:
+    for implementation in IMPLEMENTATIONS_AVAILABLE:
+        with RecordReader(path, 20, seed=123, implementation=implementation) as r:
             r.set_epoch(4)
             here = zlib.crc32(b"".join(a.tobytes() + b.tobytes() for a, b in r))
         assert int(out.stdout) == here
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_kept_batches_are_never_overwritten(tmp_path, backend):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_kept_batches_are_never_overwritten(tmp_path, implementation):
     path = tmp_path / "keep.rec"
     x, y = make_file(path, n=256, shape=(6,), dtype="float32")
-    with RecordReader(path, 8, seed=2, prefetch=2, backend=backend) as r:
+    with RecordReader(path, 8, seed=2, prefetch=2, implementation=implementation) as r:
         kept = list(r)  # no copies: each batch must stay valid
         for i, (rec, lab) in enumerate(kept):
-            idx = r.batch_indices(i, epoch=0)
+            idx = r.order.batch_indices(0, i)
             assert np.array_equal(rec, x[idx]) and np.array_equal(lab, y[idx])
         del kept
         # When batches are dropped, buffers are recycled instead of reallocated.
@@ -322,20 +326,20 @@ def test_kept_batches_are_never_overwritten(tmp_path, backend):
 def test_state_dict_mismatch_and_bad_arguments(tmp_path):
     path = tmp_path / "args.rec"
     make_file(path, n=50, shape=(2,), dtype="float32")
-    r = RecordReader(path, 8, seed=1, backend="numpy")
+    r = RecordReader(path, 8, seed=1, implementation="python")
     state = r.state_dict()
     with pytest.raises(ValueError, match="seed"):
-        RecordReader(path, 8, seed=2, backend="numpy").load_state_dict(state)
+        RecordReader(path, 8, seed=2, implementation="python").load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size"):
-        RecordReader(path, 4, seed=1, backend="numpy").load_state_dict(state)
+        RecordReader(path, 4, seed=1, implementation="python").load_state_dict(state)
     with pytest.raises(ValueError, match="position"):
         r.load_state_dict({**state, "position": 99})
     with pytest.raises(ValueError, match="rank"):
         RecordReader(path, 8, rank=2, world_size=2)
     with pytest.raises(ValueError, match="no batch"):
         RecordReader(path, 30, world_size=2)
-    with pytest.raises(ValueError, match="backend"):
-        RecordReader(path, 8, backend="cuda")
+    with pytest.raises(ValueError, match="implementation"):
+        RecordReader(path, 8, implementation="cuda")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -347,9 +351,9 @@ def _open_all_ways(path):
     with pytest.raises(ValueError) as e:
         read_header(path)
     errors.append(str(e.value))
-    for backend in BACKENDS_AVAILABLE:
+    for implementation in IMPLEMENTATIONS_AVAILABLE:
         with pytest.raises(ValueError) as e:
-            RecordReader(path, 1, backend=backend)
+            RecordReader(path, 1, implementation=implementation)
         errors.append(str(e.value))
     if NATIVE:
         from repa_e_fast import _C
@@ -362,7 +366,7 @@ def _open_all_ways(path):
     return errors[0]
 
 
-BACKENDS_AVAILABLE = ["numpy", "native"] if NATIVE else ["numpy"]
+IMPLEMENTATIONS_AVAILABLE = ["python", "native"] if NATIVE else ["python"]
 
 
 def _patch(path, offset, data, fix_crc=True):
@@ -417,16 +421,16 @@ def test_bad_files_raise_clear_errors(tmp_path):
     # Payload damage is invisible to the header check but caught by verify().
     p = variant("payload.rec", raw)
     _patch(p, 4096 + 33, b"\xff", fix_crc=False)
-    for backend in BACKENDS_AVAILABLE:
-        with RecordReader(p, 4, backend=backend) as r, pytest.raises(ValueError, match="payload checksum"):
+    for implementation in IMPLEMENTATIONS_AVAILABLE:
+        with RecordReader(p, 4, implementation=implementation) as r, pytest.raises(ValueError, match="payload checksum"):
             r.verify()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_indices_and_buffers(tmp_path, backend):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bad_indices_and_buffers(tmp_path, implementation):
     path = tmp_path / "buf.rec"
     make_file(path, n=40, shape=(4, 4), dtype="float16")
-    with RecordReader(path, 8, backend=backend) as r:
+    with RecordReader(path, 8, implementation=implementation) as r:
         for bad in ([40], [-1], [0, 2**40]):
             with pytest.raises(IndexError, match="out of range"):
                 r.get(bad)
@@ -545,7 +549,7 @@ def test_writer_crash_leaves_previous_file_intact(tmp_path):
     # 4. The process dies mid-write (no cleanup at all): the final path is untouched.
     code = (
         "import os, sys, numpy as np\n"
-        "from repa_e_fast.data.records import RecordWriter\n"
+        "from repa_e_fast.data.record_writer import RecordWriter\n"
         "w = RecordWriter(sys.argv[1], 'float32', (2, 2))\n"
         "w.append(np.ones((10, 2, 2), np.float32), np.arange(10))\n"
         "w._file.flush()\n"
@@ -555,7 +559,7 @@ def test_writer_crash_leaves_previous_file_intact(tmp_path):
     assert rc == 3
     assert path.read_bytes() == before
     assert len(_leftovers(tmp_path)) == 1  # the orphaned temporary, never the final name
-    with RecordReader(path, 5, shuffle=False, backend="numpy") as r:
+    with RecordReader(path, 5, shuffle=False, implementation="python") as r:
         assert r.verify()
         assert np.array_equal(np.concatenate([a for a, _ in all_batches(r)]), x)
 
@@ -564,7 +568,7 @@ def test_writer_crash_leaves_previous_file_intact(tmp_path):
 def test_native_reader_refuses_use_after_fork(tmp_path):
     path = tmp_path / "fork.rec"
     make_file(path, n=64, shape=(2,), dtype="float32")
-    r = RecordReader(path, 8, backend="native", num_threads=2)
+    r = RecordReader(path, 8, implementation="native", num_threads=2)
     next(iter(r))  # threads started, batches queued
     pid = os.fork()
     if pid == 0:  # child: the worker threads do not exist here
@@ -599,8 +603,6 @@ def test_pin_memory(tmp_path):
 
 
 def test_record_crc_sidecar_checks_records_and_belongs_to_its_file(tmp_path):
-    from repa_e_fast.data.records import record_crcs_path
-
     path = tmp_path / "x.rec"
     data = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
     with RecordWriter(path, "float32", (4,), record_crcs=True) as w:

@@ -12,7 +12,7 @@
 draw the same permutation and every batch pairs each image with its own latent.
 
 Integrity: a truncated or damaged file is refused at open (``DatasetError``, one line). Each
-record file comes with per-record CRC-32s (``<file>.crc.npz``, see ``records.py``). Every
+record file comes with per-record CRC-32s (``<file>.crc.npz``, see ``record_format.py``). Every
 batch of latents and labels is checked against them as it is read, so a flipped bit is
 reported by file and record the first time it is used, instead of surfacing as a
 non-finite loss; that costs about what reading the batch does (~0.5 ms per 32 f8d4 latents
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .records import RecordReader
+from .record_reader import RecordReader
 from .sources import DatasetError
 
 logger = logging.getLogger("repa_e_fast.data")
@@ -92,7 +92,8 @@ class CachedLatentLoader:
         if self.latents.record_crcs is None:
             return  # an older cache: verified as a whole at open
         try:
-            self.latents.check_records(self.latents.batch_indices(self.latents.position - 1), moments, labels)
+            indices = self.latents.order.batch_indices(self.latents.epoch, self.latents.position - 1)
+            self.latents.check_records(indices, moments, labels)
         except ValueError as error:
             raise DatasetError(str(error)) from None
 

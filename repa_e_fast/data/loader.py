@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import torch
 
 from .decode import Event
-from .order import SampleOrder
+from .order import OrderCursor, SampleOrder
 from .sources import DatasetError, open_source
 
 logger = logging.getLogger("repa_e_fast.data")
@@ -35,7 +35,7 @@ def dali_available() -> bool:
     return True
 
 
-class ImageLoaderBase:
+class ImageLoaderBase(OrderCursor):
     """Cursor, order, state and bad-data bookkeeping shared by the torch and DALI loaders.
 
     Subclasses implement ``_batches(start)``: a generator of ``(images, labels, indices,
@@ -69,21 +69,6 @@ class ImageLoaderBase:
     def num_images(self) -> int:
         return self.source.num_images
 
-    @property
-    def batch_size(self) -> int:
-        return self.order.batch_size
-
-    def __len__(self) -> int:
-        return self.order.num_batches
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def position(self) -> int:
-        return self._position
-
     # ---------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator:
@@ -111,12 +96,7 @@ class ImageLoaderBase:
             "version": STATE_VERSION,
             "epoch": self._epoch,
             "position": self._position,
-            "seed": self.order.seed,
-            "shuffle": self.order.shuffle,
-            "drop_last": self.order.drop_last,
-            "batch_size": self.order.batch_size,
-            "world_size": self.order.world_size,
-            "rank": self.order.rank,
+            **self.order.settings(),
             "num_images": self.num_images,
             "num_batches": self.order.num_batches,
             "resolution": self.resolution,
