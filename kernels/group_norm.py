@@ -116,16 +116,8 @@ def _gn_norm_kernel(X, W, B, MEAN, RSTD, Y, HW, tiles_per_chunk, C: tl.constexpr
                     CG: tl.constexpr, CHANNELS_LAST: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
                     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
     chunk = tl.program_id(1)
-    off_n = n.to(tl.int64) * HW * C
-    pp = tl.arange(0, BLOCK_P)[:, None, None]
-    g0 = tl.program_id(2) * BLOCK_G
-    g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
-    c = tl.arange(0, BLOCK_C)[None, None, :]
-    cmask = (g < G) & (c < CG)
-    mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
-    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    n, off_n, pp, g0, g, c, cmask, mean, rstd = _gn_tile_stats(MEAN, RSTD, HW, C, G, CG, BLOCK_P, BLOCK_G, BLOCK_C)
     # Fold normalisation and affine into one multiply-add per element.
     a = rstd
     if HAS_W:
@@ -146,13 +138,11 @@ def _gn_norm_kernel(X, W, B, MEAN, RSTD, Y, HW, tiles_per_chunk, C: tl.constexpr
 
 
 @triton.jit
-def _gn_bwd_prologue(W, B, MEAN, RSTD, HW, C: tl.constexpr, G: tl.constexpr, CG: tl.constexpr,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    """What both backward kernels set up: the program's tile coordinates (sample ``n``,
-    ``off_n`` its offset, pixel / group / channel ranges ``pp``, ``g``, ``c`` with ``g0``
-    the first group and ``cmask`` the valid channels), the group statistics, and the
-    affine weight and bias (1 and 0 where there are none)."""
+def _gn_tile_stats(MEAN, RSTD, HW, C: tl.constexpr, G: tl.constexpr, CG: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's tile coordinates (sample ``n`` at offset ``off_n``; pixel, group and
+    channel ranges ``pp``, ``g``, ``c``; ``g0`` its first group; ``cmask`` the valid
+    channels) and its groups' statistics, as the normalize and backward kernels use them."""
     n = tl.program_id(0)
     off_n = n.to(tl.int64) * HW * C
     pp = tl.arange(0, BLOCK_P)[:, None, None]
@@ -162,13 +152,20 @@ def _gn_bwd_prologue(W, B, MEAN, RSTD, HW, C: tl.constexpr, G: tl.constexpr, CG:
     cmask = (g < G) & (c < CG)
     mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
     rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    return n, off_n, pp, g0, g, c, cmask, mean, rstd
+
+
+@triton.jit
+def _gn_affine(W, B, g, c, cmask, CG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+               BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tile's affine weight and bias in fp32 (1 and 0 where there are none)."""
     w = tl.full([1, BLOCK_G, BLOCK_C], 1.0, tl.float32)
     if HAS_W:
         w = tl.load(W + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
     b = tl.zeros([1, BLOCK_G, BLOCK_C], dtype=tl.float32)
     if HAS_B:
         b = tl.load(B + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
-    return n, off_n, pp, g0, g, c, cmask, mean, rstd, w, b
+    return w, b
 
 
 @triton.jit
@@ -192,8 +189,8 @@ def _gn_bwd_reduce_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, PDW, PDB, HW, tiles
                           BLOCK_C: tl.constexpr):
     chunk = tl.program_id(1)
     n_chunks = tl.num_programs(1)
-    n, off_n, pp, g0, g, c, cmask, mean, rstd, w, b = _gn_bwd_prologue(W, B, MEAN, RSTD, HW, C, G, CG, HAS_W, HAS_B,
-                                                                       BLOCK_P, BLOCK_G, BLOCK_C)
+    n, off_n, pp, g0, g, c, cmask, mean, rstd = _gn_tile_stats(MEAN, RSTD, HW, C, G, CG, BLOCK_P, BLOCK_G, BLOCK_C)
+    w, b = _gn_affine(W, B, g, c, cmask, CG, HAS_W, HAS_B, BLOCK_G, BLOCK_C)
     # Per-lane sums in registers; reduced over the pixels once, after the loop.
     lane_s1 = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_C], dtype=tl.float32)
     lane_s2 = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_C], dtype=tl.float32)
@@ -230,8 +227,8 @@ def _gn_bwd_dx_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, DX, HW, tiles_per_chunk
                       BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     chunk = tl.program_id(1)
-    n, off_n, pp, g0, g, c, cmask, mean, rstd, w, b = _gn_bwd_prologue(W, B, MEAN, RSTD, HW, C, G, CG, HAS_W, HAS_B,
-                                                                       BLOCK_P, BLOCK_G, BLOCK_C)
+    n, off_n, pp, g0, g, c, cmask, mean, rstd = _gn_tile_stats(MEAN, RSTD, HW, C, G, CG, BLOCK_P, BLOCK_G, BLOCK_C)
+    w, b = _gn_affine(W, B, g, c, cmask, CG, HAS_W, HAS_B, BLOCK_G, BLOCK_C)
     # c1, c2: the group means of dxhat and dxhat * xhat, from the reduce kernel's chunk
     # partials (each program sums them in the same order: deterministic, no extra launch).
     k = tl.arange(0, BLOCK_K)[:, None]
