@@ -1,9 +1,11 @@
 """Build script for repa_e_fast.
 
-The top-level ``kernels/`` directory is installed as ``repa_e_fast.kernels`` (raw Triton
-kernels, no autograd). C++ sources in ``csrc/`` become the optional native extension
-``repa_e_fast._C``; set ``REPA_E_FAST_NO_NATIVE=1`` to skip compiling it (a pure-Python
-fallback is then used wherever the extension would be).
+The top-level ``kernels/`` directory (raw Triton kernels, no autograd) is the package
+``repa_e_fast.kernels`` through one symlink, ``repa_e_fast/kernels -> ../kernels``: a
+checkout on PYTHONPATH, an editable install and a wheel (setuptools copies the files) all
+see it. C++ sources in ``csrc/`` become the optional native extension ``repa_e_fast._C``;
+set ``REPA_E_FAST_NO_NATIVE=1`` to skip compiling it (a pure-Python fallback is then used
+wherever the extension would be).
 
 ``REPA_E_FAST_OPS_ONLY=1`` installs the package for its fused ops alone
 (``repa_e_fast.ops``, ``repa_e_fast.weights``): dependencies torch and triton only, no C++
@@ -42,7 +44,7 @@ def native_extensions():
 
 ext_modules, cmdclass = native_extensions()
 
-packages = find_packages(include=["repa_e_fast", "repa_e_fast.*"]) + ["repa_e_fast.kernels"]
+packages = find_packages(include=["repa_e_fast", "repa_e_fast.*"])
 
 setup(
     name="repa_e_fast",
@@ -52,7 +54,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"repa_e_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=OPS_REQUIREMENTS + ([] if OPS_ONLY else ENGINE_REQUIREMENTS),

@@ -128,7 +128,7 @@ def run_benchmarks(ops=ALL_OPS, smoke=False, compile_baseline=True, gn_acts=("si
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch
 
-    from repa_e_fast import ops as F
+    from repa_e_fast import ops as fused_ops
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and not smoke:
@@ -163,7 +163,7 @@ def run_benchmarks(ops=ALL_OPS, smoke=False, compile_baseline=True, gn_acts=("si
         os.makedirs(out_dir, exist_ok=True)
         name = "smoke" if smoke else "".join(c if c.isalnum() else "_" for c in results["device"].lower())
         path = os.path.join(out_dir, f"ops_{name}_{datetime.date.today().strftime('%Y%m%d')}.json")
-    for case in _cases(ops, smoke, gn_acts, dev, torch, F, gn_batches=gn_batches, third_party=tp):
+    for case in _cases(ops, smoke, gn_acts, dev, torch, fused_ops, gn_batches=gn_batches, third_party=tp):
         results["cases"].append(_run_case(case, timer, compile_baseline, copy_gbs, torch, log,
                                           compile_backend=compile_backend))
         if path:  # rewritten after every case, so an interrupted run keeps what it measured
@@ -187,11 +187,11 @@ def profile_ops(ops=ALL_OPS, gn_acts=("silu",), log=print):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from repa_e_fast import ops as F
+    from repa_e_fast import ops as fused_ops
 
     dev = torch.device("cuda")
     seen = set()
-    for case in _cases(ops, False, gn_acts, dev, torch, F, gn_batches=GN_BATCHES[:1]):
+    for case in _cases(ops, False, gn_acts, dev, torch, fused_ops, gn_batches=GN_BATCHES[:1]):
         key = case.op if case.op != "group_norm" else case.name
         if key in seen or (case.op == "group_norm" and not any(s in case.name for s in PROFILE_GN)):
             continue
@@ -368,7 +368,7 @@ def _apex_group_norm(ApexGroupNorm, C, act, torch):
     return apex
 
 
-def _cases(ops, smoke, gn_acts, dev, torch, F, gn_batches=GN_BATCHES, third_party=None):
+def _cases(ops, smoke, gn_acts, dev, torch, fused_ops, gn_batches=GN_BATCHES, third_party=None):
     tp = third_party or {}
     bf16, fp32 = torch.bfloat16, torch.float32
     B, T, D = (2, 16, 72) if smoke else (32, 256, 1152)
@@ -389,15 +389,15 @@ def _cases(ops, smoke, gn_acts, dev, torch, F, gn_batches=GN_BATCHES, third_part
             if "liger_layer_norm" in tp:
                 extra["liger"] = _liger_adaln(tp["liger_layer_norm"], D, dev, dtype, torch)
             # fwd: read x, write y; bwd: read x, dy, write dx ([B,D] vectors are negligible).
-            yield _Case("adaln_modulate", tag, F.adaln_modulate, F.adaln_modulate_reference, mk, 2, 3, es,
-                        B * T * D, dtype == dtypes[0], extra=extra)
+            yield _Case("adaln_modulate", tag, fused_ops.adaln_modulate, fused_ops.adaln_modulate_reference, mk, 2, 3,
+                        es, B * T * D, dtype == dtypes[0], extra=extra)
         if "gated" in ops:
             def mk(dt=dtype):
                 return [randn(B, T, D, dtype=dt), randn(B, D, dtype=dt), randn(B, T, D, dtype=dt)], \
                     [torch.randn(B, T, D, device=dev, dtype=dt)]
             # fwd: read x, y, write out; bwd: read dout, y, write dy (dx is dout itself).
-            yield _Case("gated_residual", tag, F.gated_residual, F.gated_residual_reference, mk, 3, 3, es,
-                        B * T * D, dtype == dtypes[0])
+            yield _Case("gated_residual", tag, fused_ops.gated_residual, fused_ops.gated_residual_reference, mk, 3, 3,
+                        es, B * T * D, dtype == dtypes[0])
         if "fused" in ops:
             def mk(dt=dtype):
                 return [randn(B, T, D, dtype=dt), randn(B, D, dtype=dt), randn(B, T, D, dtype=dt),
@@ -405,11 +405,11 @@ def _cases(ops, smoke, gn_acts, dev, torch, F, gn_batches=GN_BATCHES, third_part
                     [torch.randn(B, T, D, device=dev, dtype=dt), torch.randn(B, T, D, device=dev, dtype=dt)]
 
             def unfused(x, g, y, sh, sc):
-                out = F.gated_residual(x, g, y)
-                return out, F.adaln_modulate(out, sh, sc)
+                out = fused_ops.gated_residual(x, g, y)
+                return out, fused_ops.adaln_modulate(out, sh, sc)
             # fwd: read x, y, write out, y2; bwd: read dout, dy2, out, y, write dx, dy.
-            yield _Case("gated_residual_adaln", tag, F.gated_residual_adaln_modulate,
-                        F.gated_residual_adaln_modulate_reference, mk, 4, 6, es, B * T * D, dtype == dtypes[0],
+            yield _Case("gated_residual_adaln", tag, fused_ops.gated_residual_adaln_modulate,
+                        fused_ops.gated_residual_adaln_modulate_reference, mk, 4, 6, es, B * T * D, dtype == dtypes[0],
                         extra={"ours_unfused": unfused})
         if "repa" in ops:
             Br, Tr, dr = (2, 16, 64) if smoke else (32, 256, 768)
@@ -417,8 +417,8 @@ def _cases(ops, smoke, gn_acts, dev, torch, F, gn_batches=GN_BATCHES, third_part
             def mk(dt=dtype):
                 return [randn(Br, Tr, dr, dtype=dt, grad=False), randn(Br, Tr, dr, dtype=dt)], [None]
             # fwd: read zs, zs_tilde; bwd: read both again, write d zs_tilde.
-            yield _Case("repa_cosine_loss", f"B{Br} T{Tr} d{dr} {str(dtype)[6:]}", F.repa_cosine_loss,
-                        F.repa_cosine_loss_reference, mk, 2, 3, es, Br * Tr * dr, dtype == dtypes[0])
+            yield _Case("repa_cosine_loss", f"B{Br} T{Tr} d{dr} {str(dtype)[6:]}", fused_ops.repa_cosine_loss,
+                        fused_ops.repa_cosine_loss_reference, mk, 2, 3, es, Br * Tr * dr, dtype == dtypes[0])
     if "groupnorm" in ops:
         shapes = {s: {"smoke": 1} for s in SMOKE_GN_SHAPES} if smoke else vae_gn_shapes()
         for (C, HW), uses in shapes.items():
@@ -436,7 +436,7 @@ def _cases(ops, smoke, gn_acts, dev, torch, F, gn_batches=GN_BATCHES, third_part
                             return [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()], [dy]
 
                         def ours(x, w, b, act=act_arg):
-                            return F.group_norm(x, 32, w, b, 1e-6, act)
+                            return fused_ops.group_norm(x, 32, w, b, 1e-6, act)
 
                         def eager(x, w, b, act=act_arg):
                             # What a user runs today: native group_norm (+ silu) in the I/O dtype.

@@ -16,7 +16,7 @@ counts are made:
 
 The step runs as on CUDA: bf16 autocast with CUDA's casting rules (see ``cuda_autocast_rules``),
 and for the fast variant the fused ops through their custom-op registrations (the fake
-implementations of ``repa_e_fast/ops/_library.py``), a channels_last VAE and loss module.
+implementations beside each op in ``repa_e_fast/ops/``), a channels_last VAE and loss module.
 What the count leaves out: the CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces and the
 caching allocator's fragmentation; the attention kernels save what the CPU's kernels save
 (output and log-sum-exp, as flash attention does).

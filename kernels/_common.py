@@ -1,10 +1,13 @@
-"""Small helpers shared by the kernel launchers (allocation, block sizing)."""
+"""What the kernels share: allocation and block sizing for the launchers, and the
+``@triton.jit`` row helpers of the ``[B*T, D]`` row kernels (adaln.py, gated_residual.py)."""
 
 import functools
 import math
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 POISON_ENV = "REPA_E_FAST_POISON"
 
@@ -27,6 +30,11 @@ def alloc_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
     if poison_enabled():
         return torch.full_like(x, float("nan"), dtype=dtype)
     return torch.empty_like(x, dtype=dtype)
+
+
+def row_warps(block: int) -> int:
+    """Warps for a program that holds one row of ``block`` columns."""
+    return 1 if block <= 256 else 2 if block <= 512 else 4 if block <= 1024 else 8
 
 
 def next_pow2(n: int) -> int:
@@ -58,3 +66,20 @@ def split_rows(n_rows: int, n_groups: int, device: torch.device, max_tile: int =
 def _sm_count(index: int) -> int:
     # Cached: the property query is not free and sits on every launch path.
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@triton.jit
+def token_row(b, t, T, cols, cmask):
+    """Row index and column mask of token ``t`` of sample ``b`` in a ``[B*T, D]`` row
+    matrix; a ``t`` past ``T`` (the last tile of a sample) is fully masked."""
+    # Broadcast t explicitly (the interpreter rejects tensor & scalar-bool masks).
+    return b * T + t, cmask & ((cols * 0 + t) < T)
+
+
+@triton.jit
+def gated_residual_row(X, GATE, Yin, row, b, D, cols, mask, stride_g):
+    """``x + gate * y`` of one row (gate: row ``b`` of a ``[B, D]`` matrix), in fp32."""
+    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(Yin + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + b * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    return x + g * v

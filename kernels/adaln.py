@@ -18,32 +18,53 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, cdiv, next_pow2, split_rows
+from ._common import alloc, cdiv, gated_residual_row, next_pow2, row_warps, split_rows, token_row
 
 
-def _warps(block: int) -> int:
-    return 1 if block <= 256 else 2 if block <= 512 else 4 if block <= 1024 else 8
+@triton.jit
+def _layer_norm_modulate_row(h, row, b, cols, mask, SHIFT, SCALE, Y, MEAN, RSTD, D, stride_sh, stride_sc, eps):
+    """Writes ``LayerNorm(h) * (1 + scale) + shift`` of the fp32 row ``h`` (masked lanes 0)
+    to ``Y`` and its mean / rstd to ``MEAN`` / ``RSTD``."""
+    mean = tl.sum(h, axis=0) / D
+    hc = tl.where(mask, h - mean, 0.0)
+    # Two-pass variance on the row held in registers: exact, no cancellation.
+    var = tl.sum(hc * hc, axis=0) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    sh = tl.load(SHIFT + b * stride_sh + cols, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(SCALE + b * stride_sc + cols, mask=mask, other=0.0).to(tl.float32)
+    y = hc * rstd * (1.0 + sc) + sh
+    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _layer_norm_modulate_bwd_row(X, DY, MEAN, RSTD, b, t, T, D, cols, cmask, sc1):
+    """The backward of :func:`_layer_norm_modulate_row` for token ``t`` of sample ``b``
+    (``sc1 = 1 + scale``): (row, mask, dy, xhat, dx), all but row and mask fp32 vectors."""
+    row, mask = token_row(b, t, T, cols, cmask)
+    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    # Rows past T are fully masked; read a valid row's stats instead of a masked scalar.
+    srow = b * T + tl.minimum(t, T - 1)
+    mean = tl.load(MEAN + srow)
+    rstd = tl.load(RSTD + srow)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    g = dy * sc1
+    c1 = tl.sum(g * xhat, axis=0) / D
+    c2 = tl.sum(g, axis=0) / D
+    return row, mask, dy, xhat, (g - xhat * c1 - c2) * rstd
 
 
 @triton.jit
 def _adaln_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, stride_sh, stride_sc, eps,
                       BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    b = row // T
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(mask, x - mean, 0.0)
-    # Two-pass variance on the row held in registers: exact, no cancellation.
-    var = tl.sum(xc * xc, axis=0) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    sh = tl.load(SHIFT + b * stride_sh + cols, mask=mask, other=0.0).to(tl.float32)
-    sc = tl.load(SCALE + b * stride_sc + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * (1.0 + sc) + sh
-    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    _layer_norm_modulate_row(x, row, row // T, cols, mask, SHIFT, SCALE, Y, MEAN, RSTD, D, stride_sh, stride_sc,
+                             eps)
 
 
 @triton.jit
@@ -59,21 +80,8 @@ def _adaln_bwd_kernel(X, SCALE, DY, MEAN, RSTD, DX, PSHIFT, PSCALE, T, D, stride
     acc_sc = tl.zeros([BLOCK_D], dtype=tl.float32)
     t0 = tile * rows_per_prog
     for i in range(0, rows_per_prog):
-        t = t0 + i
-        row = b * T + t
-        # Broadcast t explicitly (the interpreter rejects tensor & scalar-bool masks).
-        mask = cmask & ((cols * 0 + t) < T)
-        x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        # Rows past T are fully masked; read a valid row's stats instead of a masked scalar.
-        srow = b * T + tl.minimum(t, T - 1)
-        mean = tl.load(MEAN + srow)
-        rstd = tl.load(RSTD + srow)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        g = dy * sc1
-        c1 = tl.sum(g * xhat, axis=0) / D
-        c2 = tl.sum(g, axis=0) / D
-        dx = (g - xhat * c1 - c2) * rstd
+        row, mask, dy, xhat, dx = _layer_norm_modulate_bwd_row(X, DY, MEAN, RSTD, b, t0 + i, T, D, cols, cmask,
+                                                               sc1)
         tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=mask)
         acc_sh += dy
         acc_sc += dy * xhat
@@ -93,7 +101,7 @@ def adaln_fwd(x, shift, scale, eps, out_dtype):
     rstd = alloc((B * T,), torch.float32, x.device)
     block = next_pow2(D)
     _adaln_fwd_kernel[(B * T,)](x, shift, scale, y, mean, rstd, T, D, shift.stride(0), scale.stride(0),
-                                float(eps), BLOCK_D=block, num_warps=_warps(block))
+                                float(eps), BLOCK_D=block, num_warps=row_warps(block))
     return y, mean, rstd
 
 
@@ -107,7 +115,7 @@ def adaln_bwd(x, scale, dy, mean, rstd, dx_dtype):
     psc = alloc((B, n_tiles, D), torch.float32, x.device)
     block = next_pow2(D)
     _adaln_bwd_kernel[(B, n_tiles)](x, scale, dy, mean, rstd, dx, psh, psc, T, D, scale.stride(0), rows,
-                                    BLOCK_D=block, num_warps=_warps(block))
+                                    BLOCK_D=block, num_warps=row_warps(block))
     return dx, psh.sum(1), psc.sum(1)
 
 
@@ -123,23 +131,11 @@ def _gr_adaln_fwd_kernel(X, GATE, Yin, SHIFT, SCALE, OUT, Y2, MEAN, RSTD, T, D,
     b = row // T
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(Yin + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(GATE + b * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    out = (x + g * v).to(OUT.dtype.element_ty)
+    out = gated_residual_row(X, GATE, Yin, row, b, D, cols, mask, stride_g).to(OUT.dtype.element_ty)
     tl.store(OUT + row * D + cols, out, mask=mask)
     # Normalise the stored (rounded) residual, exactly what the unfused pair would read.
-    h = out.to(tl.float32)
-    mean = tl.sum(h, axis=0) / D
-    hc = tl.where(mask, h - mean, 0.0)
-    var = tl.sum(hc * hc, axis=0) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    sh = tl.load(SHIFT + b * stride_sh + cols, mask=mask, other=0.0).to(tl.float32)
-    sc = tl.load(SCALE + b * stride_sc + cols, mask=mask, other=0.0).to(tl.float32)
-    y2 = hc * rstd * (1.0 + sc) + sh
-    tl.store(Y2 + row * D + cols, y2.to(Y2.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    _layer_norm_modulate_row(out.to(tl.float32), row, b, cols, mask, SHIFT, SCALE, Y2, MEAN, RSTD, D, stride_sh,
+                             stride_sc, eps)
 
 
 @triton.jit
@@ -158,26 +154,13 @@ def _gr_adaln_bwd_kernel(OUT, Yin, GATE, SCALE, DOUT, DY2, MEAN, RSTD, DX, DYin,
     acc_sc = tl.zeros([BLOCK_D], dtype=tl.float32)
     t0 = tile * rows_per_prog
     for i in range(0, rows_per_prog):
-        t = t0 + i
-        row = b * T + t
-        # Broadcast t explicitly (the interpreter rejects tensor & scalar-bool masks).
-        mask = cmask & ((cols * 0 + t) < T)
-        h = tl.load(OUT + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(Yin + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        dy2 = tl.load(DY2 + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        # Rows past T are fully masked; read a valid row's stats instead of a masked scalar.
-        srow = b * T + tl.minimum(t, T - 1)
-        mean = tl.load(MEAN + srow)
-        rstd = tl.load(RSTD + srow)
-        xhat = tl.where(mask, (h - mean) * rstd, 0.0)
-        gg = dy2 * sc1
-        c1 = tl.sum(gg * xhat, axis=0) / D
-        c2 = tl.sum(gg, axis=0) / D
-        dh = (gg - xhat * c1 - c2) * rstd
+        row, mask, dy2, xhat, dh = _layer_norm_modulate_bwd_row(OUT, DY2, MEAN, RSTD, b, t0 + i, T, D, cols,
+                                                                cmask, sc1)
         if HAS_DOUT:
             dh += tl.load(DOUT + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row * D + cols, dh.to(DX.dtype.element_ty), mask=mask)
         tl.store(DYin + row * D + cols, (dh * gate).to(DYin.dtype.element_ty), mask=mask)
+        v = tl.load(Yin + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         acc_g += dh * v
         acc_sh += dy2
         acc_sc += dy2 * xhat
@@ -197,7 +180,7 @@ def gated_residual_adaln_fwd(x, gate, y, shift, scale, eps, out_dtype, y2_dtype)
     block = next_pow2(D)
     _gr_adaln_fwd_kernel[(B * T,)](x, gate, y, shift, scale, out, y2, mean, rstd, T, D,
                                    gate.stride(0), shift.stride(0), scale.stride(0), float(eps),
-                                   BLOCK_D=block, num_warps=_warps(block))
+                                   BLOCK_D=block, num_warps=row_warps(block))
     return out, y2, mean, rstd
 
 
@@ -216,5 +199,5 @@ def gated_residual_adaln_bwd(out, y, gate, scale, dout, dy2, mean, rstd, dx_dtyp
     _gr_adaln_bwd_kernel[(B, n_tiles)](out, y, gate, scale, dout if dout is not None else dy2, dy2, mean, rstd,
                                        dx, dyin, parts[0], parts[1], parts[2], T, D, gate.stride(0),
                                        scale.stride(0), rows, HAS_DOUT=dout is not None, BLOCK_D=block,
-                                       num_warps=_warps(block))
+                                       num_warps=row_warps(block))
     return dx, dyin, parts[0].sum(1), parts[1].sum(1), parts[2].sum(1)

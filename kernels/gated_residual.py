@@ -10,8 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, cdiv, next_pow2, split_rows
-from .adaln import _warps
+from ._common import alloc, cdiv, gated_residual_row, next_pow2, row_warps, split_rows, token_row
 
 
 @triton.jit
@@ -20,10 +19,8 @@ def _gated_residual_fwd_kernel(X, GATE, Yin, OUT, T, D, stride_g, BLOCK_D: tl.co
     b = row // T
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(Yin + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(GATE + b * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * D + cols, (x + g * v).to(OUT.dtype.element_ty), mask=mask)
+    out = gated_residual_row(X, GATE, Yin, row, b, D, cols, mask, stride_g)
+    tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -38,9 +35,7 @@ def _gated_residual_bwd_kernel(DOUT, Yin, GATE, DYin, PGATE, T, D, stride_g, row
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     t0 = tile * rows_per_prog
     for i in range(0, rows_per_prog):
-        t = t0 + i
-        row = b * T + t
-        mask = cmask & ((cols * 0 + t) < T)  # explicit broadcast, see adaln.py
+        row, mask = token_row(b, t0 + i, T, cols, cmask)
         do = tl.load(DOUT + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(Yin + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DYin + row * D + cols, (do * gate).to(DYin.dtype.element_ty), mask=mask)
@@ -53,7 +48,7 @@ def gated_residual_fwd(x, gate, y, out_dtype):
     out = alloc((B, T, D), out_dtype, x.device)
     block = next_pow2(D)
     _gated_residual_fwd_kernel[(B * T,)](x, gate, y, out, T, D, gate.stride(0), BLOCK_D=block,
-                                         num_warps=_warps(block))
+                                         num_warps=row_warps(block))
     return out
 
 
@@ -66,5 +61,5 @@ def gated_residual_bwd(dout, y, gate, dy_dtype):
     pg = alloc((B, n_tiles, D), torch.float32, y.device)
     block = next_pow2(D)
     _gated_residual_bwd_kernel[(B, n_tiles)](dout, y, gate, dy, pg, T, D, gate.stride(0), rows,
-                                             BLOCK_D=block, num_warps=_warps(block))
+                                             BLOCK_D=block, num_warps=row_warps(block))
     return dy, pg.sum(1)

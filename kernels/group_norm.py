@@ -116,16 +116,8 @@ def _gn_norm_kernel(X, W, B, MEAN, RSTD, Y, HW, tiles_per_chunk, C: tl.constexpr
                     CG: tl.constexpr, CHANNELS_LAST: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
                     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
     chunk = tl.program_id(1)
-    off_n = n.to(tl.int64) * HW * C
-    pp = tl.arange(0, BLOCK_P)[:, None, None]
-    g0 = tl.program_id(2) * BLOCK_G
-    g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
-    c = tl.arange(0, BLOCK_C)[None, None, :]
-    cmask = (g < G) & (c < CG)
-    mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
-    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    n, off_n, pp, g0, g, c, cmask, mean, rstd = _gn_tile_stats(MEAN, RSTD, HW, C, G, CG, BLOCK_P, BLOCK_G, BLOCK_C)
     # Fold normalisation and affine into one multiply-add per element.
     a = rstd
     if HAS_W:
@@ -146,7 +138,41 @@ def _gn_norm_kernel(X, W, B, MEAN, RSTD, Y, HW, tiles_per_chunk, C: tl.constexpr
 
 
 @triton.jit
-def _gn_dz(x, dy, mean, rstd, w, b, SILU: tl.constexpr):
+def _gn_tile_stats(MEAN, RSTD, HW, C: tl.constexpr, G: tl.constexpr, CG: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's tile coordinates (sample ``n`` at offset ``off_n``; pixel, group and
+    channel ranges ``pp``, ``g``, ``c``; ``g0`` its first group; ``cmask`` the valid
+    channels) and its groups' statistics, as the normalize and backward kernels use them."""
+    n = tl.program_id(0)
+    off_n = n.to(tl.int64) * HW * C
+    pp = tl.arange(0, BLOCK_P)[:, None, None]
+    g0 = tl.program_id(2) * BLOCK_G
+    g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
+    c = tl.arange(0, BLOCK_C)[None, None, :]
+    cmask = (g < G) & (c < CG)
+    mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
+    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    return n, off_n, pp, g0, g, c, cmask, mean, rstd
+
+
+@triton.jit
+def _gn_affine(W, B, g, c, cmask, CG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+               BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tile's affine weight and bias in fp32 (1 and 0 where there are none)."""
+    w = tl.full([1, BLOCK_G, BLOCK_C], 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(W + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.zeros([1, BLOCK_G, BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(B + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
+    return w, b
+
+
+@triton.jit
+def _gn_bwd_tile(X, DY, off, m, mean, rstd, w, b, SILU: tl.constexpr):
+    """xhat and dz (the gradient before the affine weight) of one tile of the backward."""
+    x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
     xhat = (x - mean) * rstd
     if SILU:
         z = xhat * w + b
@@ -161,23 +187,10 @@ def _gn_bwd_reduce_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, PDW, PDB, HW, tiles
                           CHANNELS_LAST: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
                           BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
     chunk = tl.program_id(1)
     n_chunks = tl.num_programs(1)
-    off_n = n.to(tl.int64) * HW * C
-    pp = tl.arange(0, BLOCK_P)[:, None, None]
-    g0 = tl.program_id(2) * BLOCK_G
-    g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
-    c = tl.arange(0, BLOCK_C)[None, None, :]
-    cmask = (g < G) & (c < CG)
-    mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
-    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
-    w = tl.full([1, BLOCK_G, BLOCK_C], 1.0, tl.float32)
-    if HAS_W:
-        w = tl.load(W + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.zeros([1, BLOCK_G, BLOCK_C], dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(B + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
+    n, off_n, pp, g0, g, c, cmask, mean, rstd = _gn_tile_stats(MEAN, RSTD, HW, C, G, CG, BLOCK_P, BLOCK_G, BLOCK_C)
+    w, b = _gn_affine(W, B, g, c, cmask, CG, HAS_W, HAS_B, BLOCK_G, BLOCK_C)
     # Per-lane sums in registers; reduced over the pixels once, after the loop.
     lane_s1 = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_C], dtype=tl.float32)
     lane_s2 = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_C], dtype=tl.float32)
@@ -186,9 +199,7 @@ def _gn_bwd_reduce_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, PDW, PDB, HW, tiles
         p = chunk_p0 + i * BLOCK_P + pp
         m = cmask & (p < HW)
         off = off_n + _offsets(p, g, c, HW, C, CG, CHANNELS_LAST)
-        x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
-        xhat, dz = _gn_dz(x, dy, mean, rstd, w, b, SILU)
+        xhat, dz = _gn_bwd_tile(X, DY, off, m, mean, rstd, w, b, SILU)
         # dz is 0 on masked lanes (dy loaded as 0), so the products below are clean.
         lane_s1 += dz
         lane_s2 += dz * xhat
@@ -215,16 +226,9 @@ def _gn_bwd_dx_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, DX, HW, tiles_per_chunk
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-    n = tl.program_id(0)
     chunk = tl.program_id(1)
-    off_n = n.to(tl.int64) * HW * C
-    pp = tl.arange(0, BLOCK_P)[:, None, None]
-    g0 = tl.program_id(2) * BLOCK_G
-    g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
-    c = tl.arange(0, BLOCK_C)[None, None, :]
-    cmask = (g < G) & (c < CG)
-    mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
-    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    n, off_n, pp, g0, g, c, cmask, mean, rstd = _gn_tile_stats(MEAN, RSTD, HW, C, G, CG, BLOCK_P, BLOCK_G, BLOCK_C)
+    w, b = _gn_affine(W, B, g, c, cmask, CG, HAS_W, HAS_B, BLOCK_G, BLOCK_C)
     # c1, c2: the group means of dxhat and dxhat * xhat, from the reduce kernel's chunk
     # partials (each program sums them in the same order: deterministic, no extra launch).
     k = tl.arange(0, BLOCK_K)[:, None]
@@ -239,20 +243,12 @@ def _gn_bwd_dx_kernel(X, DY, W, B, MEAN, RSTD, PS1, PS2, DX, HW, tiles_per_chunk
     count = HW * CG * 1.0
     c1 = (tl.sum(acc1, axis=0) / count)[None, :, None]
     c2 = (tl.sum(acc2, axis=0) / count)[None, :, None]
-    w = tl.full([1, BLOCK_G, BLOCK_C], 1.0, tl.float32)
-    if HAS_W:
-        w = tl.load(W + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.zeros([1, BLOCK_G, BLOCK_C], dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(B + g * CG + c, mask=cmask, other=0.0).to(tl.float32)
     chunk_p0 = chunk * tiles_per_chunk * BLOCK_P
     for i in range(0, tiles_per_chunk):
         p = chunk_p0 + i * BLOCK_P + pp
         m = cmask & (p < HW)
         off = off_n + _offsets(p, g, c, HW, C, CG, CHANNELS_LAST)
-        x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
-        xhat, dz = _gn_dz(x, dy, mean, rstd, w, b, SILU)
+        xhat, dz = _gn_bwd_tile(X, DY, off, m, mean, rstd, w, b, SILU)
         dx = rstd * (dz * w - c1 - xhat * c2)
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
 

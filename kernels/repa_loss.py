@@ -83,33 +83,35 @@ def _blocks(d):
     return rows, block_d, (4 if rows * block_d <= 2048 else 8)
 
 
-def repa_fwd_partials(z, zt, weight, eps, part):
-    """Writes ``cdiv(R, ROWS)`` fp32 partial sums of ``weight * cos`` into ``part``.
+def repa_loss_fwd(zs, zts, weights, eps):
+    """``sum_e weights[e] * sum_rows cos(zs[e], zts[e])`` as a 0-dim fp32 tensor.
 
-    z, zt: contiguous [R, d]. ``part`` must hold at least ``repa_num_partials(R, d)``.
+    zs[e], zts[e]: contiguous ``[B, T, d_e]``. Per encoder, the forward kernel writes one
+    fp32 partial per program; the partials of all encoders are then summed in one
+    fixed-order sum (deterministic, no atomics).
     """
-    R, d = z.shape
+    blocks = [_blocks(z.shape[2]) for z in zs]
+    counts = [cdiv(z.shape[0] * z.shape[1], rows) for z, (rows, _, _) in zip(zs, blocks)]
+    part = alloc((sum(counts),), torch.float32, zs[0].device)
+    offset = 0
+    for z, zt, weight, count, (rows, block_d, warps) in zip(zs, zts, weights, counts, blocks):
+        B, T, d = z.shape
+        _repa_fwd_kernel[(count,)](z.reshape(-1, d), zt.reshape(-1, d), part[offset:offset + count], B * T, d,
+                                   float(weight), float(eps), ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+        offset += count
+    return part.sum()
+
+
+def repa_loss_bwd(z, zt, grad_out, weight, eps, need_dz, need_dzt):
+    """One encoder's gradients: z, zt contiguous ``[B, T, d]``; grad_out a one-element fp32
+    tensor. Returns (dz or None, dzt or None), shaped like z and zt."""
+    d = z.shape[2]
+    z2, zt2 = z.reshape(-1, d), zt.reshape(-1, d)
+    R = z2.shape[0]
     rows, block_d, warps = _blocks(d)
-    grid = (cdiv(R, rows),)
-    _repa_fwd_kernel[grid](z, zt, part, R, d, float(weight), float(eps), ROWS=rows, BLOCK_D=block_d,
-                           num_warps=warps)
-
-
-def repa_num_partials(R, d):
-    return cdiv(R, _blocks(d)[0])
-
-
-def repa_bwd(z, zt, grad_out, weight, eps, need_dz, need_dzt):
-    """grad_out: fp32 tensor with one element. Returns (dz or None, dzt or None)."""
-    R, d = z.shape
-    rows, block_d, warps = _blocks(d)
-    dz = alloc((R, d), z.dtype, z.device) if need_dz else None
-    dzt = alloc((R, d), zt.dtype, zt.device) if need_dzt else None
-    _repa_bwd_kernel[(cdiv(R, rows),)](z, zt, grad_out, dz if need_dz else z, dzt if need_dzt else zt, R, d,
+    dz = alloc(z.shape, z.dtype, z.device) if need_dz else None
+    dzt = alloc(zt.shape, zt.dtype, zt.device) if need_dzt else None
+    _repa_bwd_kernel[(cdiv(R, rows),)](z2, zt2, grad_out, dz if need_dz else z, dzt if need_dzt else zt, R, d,
                                        float(weight), float(eps), NEED_DZ=need_dz, NEED_DZT=need_dzt,
                                        ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return dz, dzt
-
-
-def new_partials(total, device):
-    return alloc((total,), torch.float32, device)

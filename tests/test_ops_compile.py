@@ -1,7 +1,8 @@
 """The fused ops under torch.compile: one graph, no breaks, the eager numbers.
 
-The kernels are registered as custom ops (``repa_e_fast/ops/_library.py``) so dynamo
-treats them as opaque nodes. ``fullgraph=True`` turns any graph break into an error. The
+Every op calls its kernels through ``KernelOp``s (``repa_e_fast/ops/_dispatch.py``),
+registered as custom ops beside the op (``repa_e_fast/ops/<op>.py``), so dynamo treats
+them as opaque nodes. ``fullgraph=True`` turns any graph break into an error. The
 aot_eager backend runs the captured forward and backward graphs without code generation,
 so the kernels (interpreted here) produce exactly the eager values.
 """
@@ -9,17 +10,20 @@ so the kernels (interpreted here) produce exactly the eager values.
 import pytest
 import torch
 
-from repa_e_fast import ops as F
+from repa_e_fast import ops
 from repa_e_fast.models.sit import SiT
 
 
 def all_ops(x, gate, y, shift, scale, z, z_tilde, image, weight, bias):
-    modulated = F.adaln_modulate(x, shift, scale)
-    residual = F.gated_residual(x, gate, modulated)
-    out, y2 = F.gated_residual_adaln_modulate(residual, gate, y, shift, scale)
-    repa = F.repa_cosine_loss([z], [z_tilde])
-    normed = F.group_norm(image, 4, weight, bias, 1e-6, "silu")
-    return out.sum() + y2.square().sum() + repa + normed.square().sum()
+    modulated = ops.adaln_modulate(x, shift, scale)
+    residual = ops.gated_residual(x, gate, modulated)
+    out, y2 = ops.gated_residual_adaln_modulate(residual, gate, y, shift, scale)
+    out_only, _ = ops.gated_residual_adaln_modulate(y, gate, x, shift, scale)  # the backward without dy2
+    repa = ops.repa_cosine_loss([z], [z_tilde])
+    normed = ops.group_norm(image, 4, weight, bias, 1e-6, "silu")
+    normed_const = ops.group_norm(image.detach(), 4, weight, None)  # the backward without dx
+    return (out.sum() + y2.square().sum() + out_only.square().sum() + repa + normed.square().sum()
+            + normed_const.square().sum())
 
 
 def inputs(dtype=torch.float32):
@@ -82,29 +86,30 @@ def test_fused_sit_compiles_into_one_graph_with_the_eager_numbers():
 def test_custom_op_registrations_pass_opcheck():
     # Schema, fake-tensor (shape/dtype/layout) and AOT-dispatch checks of every kernel op.
     x, gate, y, shift, scale, z, z_tilde, image, weight, bias = inputs()
-    ops = torch.ops.repa_e_fast
-    y_mod, mean, rstd = ops.adaln_fwd(x, shift, scale, 1e-6, torch.float32)
-    out, y2, mean2, rstd2 = ops.gated_residual_adaln_fwd(x, gate, y, shift, scale, 1e-6, torch.float32,
+    custom_ops = torch.ops.repa_e_fast
+    y_mod, mean, rstd = custom_ops.adaln_fwd(x, shift, scale, 1e-6, torch.float32)
+    out, y2, mean2, rstd2 = custom_ops.gated_residual_adaln_fwd(x, gate, y, shift, scale, 1e-6, torch.float32,
                                                          torch.float32)
-    normed, gn_mean, gn_rstd = ops.group_norm_fwd(image, 4, weight, bias, 1e-6, True, True)
+    normed, gn_mean, gn_rstd = custom_ops.group_norm_fwd(image, 4, weight, bias, 1e-6, True, True)
     assert normed.is_contiguous(memory_format=torch.channels_last)
     grad_out = torch.ones(1)
     cases = [
-        (ops.adaln_fwd, (x, shift, scale, 1e-6, torch.float32)),
-        (ops.adaln_bwd, (x, scale, y, mean, rstd, torch.float32)),
-        (ops.gated_residual_fwd, (x, gate, y, torch.float32)),
-        (ops.gated_residual_bwd, (y_mod, y, gate, torch.float32)),
-        (ops.gated_residual_adaln_fwd, (x, gate, y, shift, scale, 1e-6, torch.float32, torch.float32)),
-        (ops.gated_residual_adaln_bwd, (out, y, gate, scale, y2, y_mod, mean2, rstd2, torch.float32,
+        (custom_ops.adaln_fwd, (x, shift, scale, 1e-6, torch.float32)),
+        (custom_ops.adaln_bwd, (x, scale, y, mean, rstd, torch.float32)),
+        (custom_ops.gated_residual_fwd, (x, gate, y, torch.float32)),
+        (custom_ops.gated_residual_bwd, (y_mod, y, gate, torch.float32)),
+        (custom_ops.gated_residual_adaln_fwd, (x, gate, y, shift, scale, 1e-6, torch.float32, torch.float32)),
+        (custom_ops.gated_residual_adaln_bwd, (out, y, gate, scale, y2, y_mod, mean2, rstd2, torch.float32,
                                         torch.float32)),
-        (ops.gated_residual_adaln_bwd, (out, y, gate, scale, None, y_mod, mean2, rstd2, torch.float32,
+        (custom_ops.gated_residual_adaln_bwd, (out, y, gate, scale, None, y_mod, mean2, rstd2, torch.float32,
                                         torch.float32)),
-        (ops.group_norm_fwd, (image, 4, weight, bias, 1e-6, True, True)),
-        (ops.group_norm_fwd, (image.contiguous(), 4, None, None, 1e-6, False, False)),
-        (ops.group_norm_bwd, (image, normed, 4, weight, bias, gn_mean, gn_rstd, True, True)),
-        (ops.repa_loss_fwd, ([z, z], [z_tilde, z_tilde], [-0.5, -0.25], 1e-12)),
-        (ops.repa_loss_bwd, (z, z_tilde, grad_out, -0.5, 1e-12, False, True)),
-        (ops.repa_loss_bwd, (z, z_tilde, grad_out, -0.5, 1e-12, True, True)),
+        (custom_ops.group_norm_fwd, (image, 4, weight, bias, 1e-6, True, True)),
+        (custom_ops.group_norm_fwd, (image.contiguous(), 4, None, None, 1e-6, False, False)),
+        (custom_ops.group_norm_bwd, (image, normed, 4, weight, bias, gn_mean, gn_rstd, True, True, True)),
+        (custom_ops.group_norm_bwd, (image, normed, 4, weight, None, gn_mean, gn_rstd, False, True, False)),
+        (custom_ops.repa_loss_fwd, ([z, z], [z_tilde, z_tilde], [-0.5, -0.25], 1e-12)),
+        (custom_ops.repa_loss_bwd, (z, z_tilde, grad_out, -0.5, 1e-12, False, True)),
+        (custom_ops.repa_loss_bwd, (z, z_tilde, grad_out, -0.5, 1e-12, True, True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -1,4 +1,5 @@
-"""Choosing between the Triton kernels and the PyTorch reference, and input checks.
+"""What every op shares: the choice between the Triton kernels and the PyTorch reference,
+the kernel calls as custom ops for ``torch.compile`` (``kernel_op``), and the input checks.
 
 Rule (DESIGN.md): Triton when the tensors are on CUDA, or when ``TRITON_INTERPRET=1``
 (Triton's CPU interpreter, so tests run the real kernels on CPU tensors); the PyTorch
@@ -82,6 +83,41 @@ def kernels(name: str):
     return importlib.import_module(f"repa_e_fast.kernels.{name}")
 
 
+class KernelOp:
+    """A function that launches an op's Triton kernels, registered as the custom op
+    ``torch.ops.repa_e_fast.<name>``; each op's autograd.Function calls its kernels only
+    through these.
+
+    Dynamo cannot trace a Triton launcher (it imports modules, computes grids in Python and
+    reads strides), so while torch.compile traces, a call goes to the custom op: an opaque
+    node of one graph whose outputs (shapes, dtypes, layouts) the function registered with
+    ``register_fake`` describes, so the surrounding ops are still fused and the region can
+    be captured in a CUDA graph. Eager calls run the function directly, the cheaper path (a
+    custom-op dispatch costs a few microseconds). A custom op cannot return None, so a
+    result that is not needed comes back as an empty tensor.
+    """
+
+    def __init__(self, name: str, launch):
+        self.name = name
+        self.launch = launch
+        # Registering imports no Triton: ``launch`` imports its kernel module when it runs.
+        self.custom_op = torch.library.custom_op(f"repa_e_fast::{name}", launch, mutates_args=())
+
+    def register_fake(self, fake):
+        self.custom_op.register_fake(fake)
+        return fake
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return getattr(torch.ops.repa_e_fast, self.name)(*args)
+        return self.launch(*args)
+
+
+def kernel_op(name: str):
+    """Decorator: the function becomes the :class:`KernelOp` ``repa_e_fast::<name>``."""
+    return lambda launch: KernelOp(name, launch)
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -99,6 +135,24 @@ def check_same_device(op: str, **tensors):
     if len(set(devices.values())) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got "
                          + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+
+
+def check_modulation(op: str, name: str, v, B: int, D: int) -> torch.Tensor:
+    """A per-sample modulation vector (adaLN shift / scale / gate) of an x of shape
+    ``[B, T, D]``, as ``[B, D]``: ``[B, D]`` and ``[B, 1, D]`` are per sample; ``[D]``,
+    ``[1, D]`` and ``[1, 1, D]`` are shared by the batch and broadcast (a stride-0 view, no
+    copy; autograd sums its gradient over the batch)."""
+    check_tensor(op, name, v, ndim=(1, 2, 3))
+    if v.dim() == 3:
+        if v.shape[1] != 1:
+            raise ValueError(f"{op}: {name} must be [B, D] or [B, 1, D], got {tuple(v.shape)}")
+        v = v.squeeze(1)
+    if v.dim() == 1:
+        v = v.unsqueeze(0)
+    if v.shape[1] != D or v.shape[0] not in (1, B):
+        raise ValueError(f"{op}: {name} must have shape {(B, D)}, {(1, D)} or {(D,)} to match x, "
+                         f"got {tuple(v.shape)}")
+    return v.expand(B, D)
 
 
 def rows_unit_stride(t: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,73 @@
 """adaLN modulation: ``y = LayerNorm(x) * (1 + scale) + shift`` (SiT/DiT ``modulate(norm(x))``)."""
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ._dispatch import check_same_device, check_tensor, promote, rows_unit_stride, use_triton
-from ._library import launcher
+from ._dispatch import (check_modulation, check_same_device, check_tensor, kernel_op, kernels, promote,
+                        rows_unit_stride, use_triton)
+from .gated_residual import gated_residual_bwd
 
 OP = "adaln_modulate"
+_F32 = torch.float32
+
+
+@kernel_op("adaln_fwd")
+def adaln_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype
+              ) -> Tuple[Tensor, Tensor, Tensor]:
+    return kernels("adaln").adaln_fwd(x, shift, scale, eps, out_dtype)
+
+
+@adaln_fwd.register_fake
+def _(x, shift, scale, eps, out_dtype):
+    B, T, D = x.shape
+    return x.new_empty((B, T, D), dtype=out_dtype), x.new_empty((B * T,), dtype=_F32), \
+        x.new_empty((B * T,), dtype=_F32)
+
+
+@kernel_op("adaln_bwd")
+def adaln_bwd(x: Tensor, scale: Tensor, dy: Tensor, mean: Tensor, rstd: Tensor, dx_dtype: torch.dtype
+              ) -> Tuple[Tensor, Tensor, Tensor]:
+    return kernels("adaln").adaln_bwd(x, scale, dy, mean, rstd, dx_dtype)
+
+
+@adaln_bwd.register_fake
+def _(x, scale, dy, mean, rstd, dx_dtype):
+    per_sample = (x.shape[0], x.shape[2])
+    return x.new_empty(x.shape, dtype=dx_dtype), x.new_empty(per_sample, dtype=_F32), \
+        x.new_empty(per_sample, dtype=_F32)
+
+
+@kernel_op("gated_residual_adaln_fwd")
+def gated_residual_adaln_fwd(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float,
+                             out_dtype: torch.dtype, y2_dtype: torch.dtype
+                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return kernels("adaln").gated_residual_adaln_fwd(x, gate, y, shift, scale, eps, out_dtype, y2_dtype)
+
+
+@gated_residual_adaln_fwd.register_fake
+def _(x, gate, y, shift, scale, eps, out_dtype, y2_dtype):
+    B, T, D = x.shape
+    return (x.new_empty((B, T, D), dtype=out_dtype), x.new_empty((B, T, D), dtype=y2_dtype),
+            x.new_empty((B * T,), dtype=_F32), x.new_empty((B * T,), dtype=_F32))
+
+
+@kernel_op("gated_residual_adaln_bwd")
+def gated_residual_adaln_bwd(out: Tensor, y: Tensor, gate: Tensor, scale: Tensor, dout: Optional[Tensor],
+                             dy2: Tensor, mean: Tensor, rstd: Tensor, dx_dtype: torch.dtype, dy_dtype: torch.dtype
+                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return kernels("adaln").gated_residual_adaln_bwd(out, y, gate, scale, dout, dy2, mean, rstd, dx_dtype,
+                                                     dy_dtype)
+
+
+@gated_residual_adaln_bwd.register_fake
+def _(out, y, gate, scale, dout, dy2, mean, rstd, dx_dtype, dy_dtype):
+    per_sample = (out.shape[0], out.shape[2])
+    return (out.new_empty(out.shape, dtype=dx_dtype), out.new_empty(out.shape, dtype=dy_dtype),
+            out.new_empty(per_sample, dtype=_F32), out.new_empty(per_sample, dtype=_F32),
+            out.new_empty(per_sample, dtype=_F32))
 
 
 def adaln_modulate_reference(x, shift, scale, eps=1e-6):
@@ -14,27 +75,10 @@ def adaln_modulate_reference(x, shift, scale, eps=1e-6):
     return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def _check_mod(op, name, v, B, D):
-    """A modulation vector as ``[B, D]``: ``[B, D]`` and ``[B, 1, D]`` are per sample;
-    ``[D]``, ``[1, D]`` and ``[1, 1, D]`` are shared by the batch and broadcast (a stride-0
-    view, no copy; autograd sums its gradient over the batch)."""
-    check_tensor(op, name, v, ndim=(1, 2, 3))
-    if v.dim() == 3:
-        if v.shape[1] != 1:
-            raise ValueError(f"{op}: {name} must be [B, D] or [B, 1, D], got {tuple(v.shape)}")
-        v = v.squeeze(1)
-    if v.dim() == 1:
-        v = v.unsqueeze(0)
-    if v.shape[1] != D or v.shape[0] not in (1, B):
-        raise ValueError(f"{op}: {name} must have shape {(B, D)}, {(1, D)} or {(D,)} to match x, "
-                         f"got {tuple(v.shape)}")
-    return v.expand(B, D)
-
-
 class _AdaLNModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps):
-        y, mean, rstd = launcher("adaln", "adaln_fwd")(x, shift, scale, eps, promote(x, shift, scale))
+        y, mean, rstd = adaln_fwd(x, shift, scale, eps, promote(x, shift, scale))
         ctx.save_for_backward(x, scale, mean, rstd)
         ctx.shift_dtype = shift.dtype
         return y
@@ -42,7 +86,7 @@ class _AdaLNModulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, scale, mean, rstd = ctx.saved_tensors
-        dx, dshift, dscale = launcher("adaln", "adaln_bwd")(x, scale, dy.contiguous(), mean, rstd, x.dtype)
+        dx, dshift, dscale = adaln_bwd(x, scale, dy.contiguous(), mean, rstd, x.dtype)
         return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
 
 
@@ -64,8 +108,8 @@ def adaln_modulate(x, shift, scale, eps=1e-6):
     """
     check_tensor(OP, "x", x, ndim=3)
     B, T, D = x.shape
-    shift = _check_mod(OP, "shift", shift, B, D)
-    scale = _check_mod(OP, "scale", scale, B, D)
+    shift = check_modulation(OP, "shift", shift, B, D)
+    scale = check_modulation(OP, "scale", scale, B, D)
     check_same_device(OP, x=x, shift=shift, scale=scale)
     if not use_triton(OP, x, shift, scale) or x.numel() == 0:
         return adaln_modulate_reference(x, shift, scale, eps)
@@ -85,8 +129,7 @@ class _GatedResidualAdaLN(torch.autograd.Function):
     def forward(ctx, x, gate, y, shift, scale, eps):
         out_dtype = promote(x, gate, y)
         y2_dtype = torch.promote_types(out_dtype, promote(shift, scale))
-        out, y2, mean, rstd = launcher("adaln", "gated_residual_adaln_fwd")(x, gate, y, shift, scale, eps,
-                                                                            out_dtype, y2_dtype)
+        out, y2, mean, rstd = gated_residual_adaln_fwd(x, gate, y, shift, scale, eps, out_dtype, y2_dtype)
         ctx.save_for_backward(out, y, gate, scale, mean, rstd)
         ctx.dtypes = (x.dtype, gate.dtype, shift.dtype)
         ctx.set_materialize_grads(False)
@@ -100,9 +143,9 @@ class _GatedResidualAdaLN(torch.autograd.Function):
             return (None,) * 6
         if dy2 is None:  # only the residual output was used: a plain gated-residual backward
             dout = dout.contiguous()
-            dy, dgate = launcher("gated_residual", "gated_residual_bwd")(dout, y, gate, y.dtype)
+            dy, dgate = gated_residual_bwd(dout, y, gate, y.dtype)
             return dout.to(x_dtype), dgate.to(gate_dtype), dy, None, None, None
-        dx, dy, dgate, dshift, dscale = launcher("adaln", "gated_residual_adaln_bwd")(
+        dx, dy, dgate, dshift, dscale = gated_residual_adaln_bwd(
             out, y, gate, scale, None if dout is None else dout.contiguous(), dy2.contiguous(), mean, rstd,
             x_dtype, y.dtype)
         return dx, dgate.to(gate_dtype), dy, dshift.to(shift_dtype), dscale.to(scale.dtype), None
@@ -132,9 +175,9 @@ def gated_residual_adaln_modulate(x, gate, y, shift, scale, eps=1e-6):
     B, T, D = x.shape
     if y.shape != x.shape:
         raise ValueError(f"{op}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    gate = _check_mod(op, "gate", gate, B, D)
-    shift = _check_mod(op, "shift", shift, B, D)
-    scale = _check_mod(op, "scale", scale, B, D)
+    gate = check_modulation(op, "gate", gate, B, D)
+    shift = check_modulation(op, "shift", shift, B, D)
+    scale = check_modulation(op, "scale", scale, B, D)
     check_same_device(op, x=x, gate=gate, y=y, shift=shift, scale=scale)
     if not use_triton(op, x, gate, y, shift, scale) or x.numel() == 0:
         return gated_residual_adaln_modulate_reference(x, gate, y, shift, scale, eps)

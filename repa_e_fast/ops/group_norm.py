@@ -1,16 +1,50 @@
 """GroupNorm (+ optional fused SiLU) for ``[N, C, *]`` tensors, NCHW or channels_last."""
 
 import operator
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
-from ._dispatch import check_same_device, check_tensor, kernels, use_triton
-from ._library import launcher
+from ._dispatch import check_same_device, check_tensor, kernel_op, kernels, use_triton
 
 OP = "group_norm"
 ACTIVATIONS = (None, "silu")
+_F32 = torch.float32
+
+
+@kernel_op("group_norm_fwd")
+def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   silu: bool, channels_last: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return kernels("group_norm").group_norm_fwd(x, num_groups, weight, bias, eps, silu, channels_last)
+
+
+@group_norm_fwd.register_fake
+def _(x, num_groups, weight, bias, eps, silu, channels_last):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    stats = (x.shape[0], num_groups)
+    return (torch.empty_like(x, memory_format=layout), x.new_empty(stats, dtype=_F32),
+            x.new_empty(stats, dtype=_F32))
+
+
+@kernel_op("group_norm_bwd")
+def group_norm_bwd(x: Tensor, dy: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                   mean: Tensor, rstd: Tensor, silu: bool, channels_last: bool, need_dx: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight fp32 [C], dbias fp32 [C]); dx is empty unless ``need_dx``."""
+    dx, dweight, dbias = kernels("group_norm").group_norm_bwd(x, dy, num_groups, weight, bias, mean, rstd, silu,
+                                                              channels_last, need_dx)
+    return (dx if need_dx else x.new_empty(0)), dweight, dbias
+
+
+@group_norm_bwd.register_fake
+def _(x, dy, num_groups, weight, bias, mean, rstd, silu, channels_last, need_dx):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    channels = (x.shape[1],)
+    return (torch.empty_like(x, memory_format=layout) if need_dx else x.new_empty(0),
+            x.new_empty(channels, dtype=_F32), x.new_empty(channels, dtype=_F32))
 
 
 def _memory_format(x):
@@ -77,8 +111,7 @@ def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activa
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, silu, channels_last):
-        y, mean, rstd = launcher("group_norm", "group_norm_fwd")(x, num_groups, weight, bias, eps, silu,
-                                                                 channels_last)
+        y, mean, rstd = group_norm_fwd(x, num_groups, weight, bias, eps, silu, channels_last)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.cfg = (num_groups, silu, channels_last)
         return y
@@ -89,12 +122,9 @@ class _GroupNorm(torch.autograd.Function):
         num_groups, silu, channels_last = ctx.cfg
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         dy = dy.contiguous(memory_format=fmt)  # the kernels read dy with x's layout
-        if torch.compiler.is_compiling():  # the custom op always returns dx
-            dx, dw, db = torch.ops.repa_e_fast.group_norm_bwd(x, dy, num_groups, weight, bias, mean, rstd, silu,
-                                                              channels_last)
-        else:
-            dx, dw, db = kernels("group_norm").group_norm_bwd(
-                x, dy, num_groups, weight, bias, mean, rstd, silu, channels_last, need_dx=ctx.needs_input_grad[0])
+        need_dx = ctx.needs_input_grad[0]
+        dx, dw, db = group_norm_bwd(x, dy, num_groups, weight, bias, mean, rstd, silu, channels_last, need_dx)
+        dx = dx if need_dx else None
         dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None

@@ -1,13 +1,39 @@
 """REPA projection loss: mean negative cosine similarity, the official reduction."""
 
+from typing import List, Tuple
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ._dispatch import check_same_device, check_tensor, use_triton
-from ._library import repa_loss_grads, repa_loss_sum
+from ._dispatch import check_same_device, check_tensor, kernel_op, kernels, use_triton
 
 OP = "repa_cosine_loss"
 EPS = 1e-12  # F.normalize's default, as in the official code
+
+
+@kernel_op("repa_loss_fwd")
+def repa_loss_fwd(zs: List[Tensor], zts: List[Tensor], weights: List[float], eps: float) -> Tensor:
+    return kernels("repa_loss").repa_loss_fwd(zs, zts, weights, eps)
+
+
+@repa_loss_fwd.register_fake
+def _(zs, zts, weights, eps):
+    return zs[0].new_empty((), dtype=torch.float32)
+
+
+@kernel_op("repa_loss_bwd")
+def repa_loss_bwd(z: Tensor, zt: Tensor, grad: Tensor, weight: float, eps: float, need_dz: bool, need_dzt: bool
+                  ) -> Tuple[Tensor, Tensor]:
+    """(dz, dzt) of one encoder's pair; a gradient that is not needed comes back empty."""
+    dz, dzt = kernels("repa_loss").repa_loss_bwd(z, zt, grad, weight, eps, need_dz, need_dzt)
+    return (dz if need_dz else z.new_empty(0)), (dzt if need_dzt else zt.new_empty(0))
+
+
+@repa_loss_bwd.register_fake
+def _(z, zt, grad, weight, eps, need_dz, need_dzt):
+    return (z.new_empty(z.shape) if need_dz else z.new_empty(0),
+            zt.new_empty(zt.shape) if need_dzt else zt.new_empty(0))
 
 
 def _as_list(v, name):
@@ -42,9 +68,7 @@ class _RepaLoss(torch.autograd.Function):
         zs, zts = list(pairs[0::2]), list(pairs[1::2])
         ctx.weights = [-1.0 / (n_enc * batch * z.shape[1]) for z in zs]
         ctx.save_for_backward(*pairs)
-        if torch.compiler.is_compiling():
-            return torch.ops.repa_e_fast.repa_loss_fwd(zs, zts, ctx.weights, EPS)
-        return repa_loss_sum(zs, zts, ctx.weights, EPS)
+        return repa_loss_fwd(zs, zts, ctx.weights, EPS)
 
     @staticmethod
     def backward(ctx, grad):
@@ -57,8 +81,7 @@ class _RepaLoss(torch.autograd.Function):
             if not (need_z or need_zt):
                 grads += [None, None]
                 continue
-            grads_of = torch.ops.repa_e_fast.repa_loss_bwd if torch.compiler.is_compiling() else repa_loss_grads
-            dz, dzt = grads_of(z, zt, g, w, EPS, need_z, need_zt)
+            dz, dzt = repa_loss_bwd(z, zt, g, w, EPS, need_z, need_zt)
             grads += [dz if need_z else None, dzt if need_zt else None]
         return (None, None, *grads)
 
