@@ -217,9 +217,7 @@ def snapshot(backend, ema) -> dict:
 
 
 def optimizer_states(backend) -> dict:
-    if isinstance(backend, SingleProcessBackend):
-        return {name: copy.deepcopy(o.state_dict()) for name, o in backend.optimizers.items()}
-    return backend.full_optimizer_state_dicts()
+    return copy.deepcopy(backend.optimizer_state_dicts())
 
 
 def train(run: Run, models, ema, rank: int, world: int, kind: str, batches=None, start: int = 0, backend=None,
