@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from repa_e_fast.engine.build import make_backend  # noqa: E402
+from repa_e_fast.engine import build  # noqa: E402
 from repa_e_fast.engine.step import REPAEStep  # noqa: E402
 from repa_e_fast.engine.sync_batchnorm import convert_to_global_batchnorm  # noqa: E402
 from repa_e_fast.losses.vae_loss import VAELossConfig, VAERegularizationLoss  # noqa: E402
@@ -188,9 +188,9 @@ def make_backend(kind, template, precision, accumulation, models):
     else:
         for name in ("sit", "disc"):  # global BN: the SiT latent BN, the discriminator's BNs
             convert_to_global_batchnorm(models[name])
-    return make_backend(kind, models, {name: OPTIMIZER for name in models}, precision, accumulation,
-                        ds_config=ds_config(template, precision) if kind == "deepspeed" else None,
-                        micro_batch_size=PER_RANK, max_grad_norm=1.0)
+    return build.make_backend(kind, models, {name: OPTIMIZER for name in models}, precision, accumulation,
+                              ds_config=ds_config(template, precision) if kind == "deepspeed" else None,
+                              micro_batch_size=PER_RANK, max_grad_norm=1.0)
 
 
 def scalars(logs: dict, world: int) -> dict:
