@@ -42,7 +42,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from repa_e_fast.engine.backends import SingleProcessBackend, build_adamw  # noqa: E402
+from repa_e_fast.engine.build import make_backend  # noqa: E402
 from repa_e_fast.engine.step import LDMStep, REPAEStep, StepConfig  # noqa: E402
 from repa_e_fast.losses.vae_loss import VAERegularizationLoss  # noqa: E402
 from repa_e_fast.models.encoders import load_encoders  # noqa: E402
@@ -117,12 +117,10 @@ def build_repae(model_name, batch, device, variant, smoke, compile_backend="indu
         vae = vae.to(memory_format=torch.channels_last)
         loss_fn = loss_fn.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(sit).requires_grad_(False)
-    fused_adam = fast and device.type == "cuda"
-    optimizers = {"sit": build_adamw(sit, fused=fused_adam), "vae": build_adamw(vae, fused=fused_adam),
-                  "disc": build_adamw(loss_fn, fused=fused_adam)}
     models = {"sit": sit, "vae": vae, "disc": loss_fn}
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    backend = SingleProcessBackend(models, optimizers, precision=precision)
+    backend = make_backend("single", models, {name: {} for name in models},
+                           precision="bf16" if device.type == "cuda" else "fp32",
+                           fused_adam=fast and device.type == "cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoders = [] if smoke else load_encoders("dinov2-vit-b", 256, allow_random=True, device=device,
@@ -147,8 +145,8 @@ def build_ldm(model_name, batch, device, variant, smoke, compile_backend="induct
     fast = variant in ("fast", "fast_compile")
     sit = build_bench_sit(model_name, smoke, fast).to(device)
     ema = copy.deepcopy(sit).requires_grad_(False)
-    optimizers = {"sit": build_adamw(sit, fused=fast and device.type == "cuda")}
-    backend = SingleProcessBackend({"sit": sit}, optimizers, precision="bf16" if device.type == "cuda" else "fp32")
+    backend = make_backend("single", {"sit": sit}, {"sit": {}}, precision="bf16" if device.type == "cuda" else "fp32",
+                           fused_adam=fast and device.type == "cuda")
     if variant in COMPILED_VARIANTS:
         compile_models([sit], compile_backend)
     step = LDMStep(backend, ema)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from .data.cached_latents import IMAGES_FILE, LATENTS_FILE, META_FILE
 from .data.record_format import HEADER_SIZE, read_header
 from .data.record_writer import RecordWriter
+from .engine.runtime import setup_runtime
 from .models.checkpoints import CheckpointError
 
 
@@ -51,16 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-backend", default="auto", choices=("auto", "dali", "torch"))
     parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     return parser
-
-
-def _init_distributed():
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return rank, world, device
 
 
 def _encode_to_parts(args, rank, world, device, part_dir: Path):
@@ -160,7 +151,8 @@ def main(argv=None) -> int:
     if not os.path.exists(args.data_dir):
         print(f"error: dataset not found: {args.data_dir}", file=sys.stderr)
         return 2
-    rank, world, device = _init_distributed()
+    runtime = setup_runtime()  # torchrun: a process group, one device per rank
+    rank, world, device = runtime.rank, runtime.world_size, runtime.device
     output = Path(args.output)
     part_dir = output / ".parts"
     if rank == 0:

@@ -23,10 +23,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, 
 import yaml
 
 from .models.sit import PATCH_SIZES, sit_config
+from .errors import RepaEFastError
 from .models.vae import VAE_LAYOUTS
 
 
-class ConfigError(ValueError):
+class ConfigError(RepaEFastError, ValueError):
     """A configuration problem, reported before any expensive work."""
 
 
@@ -59,7 +60,6 @@ class TrainConfig:
     logging_dir: str = "logs"  # official flag, accepted; our TensorBoard / W&B / log.txt are in the run folder
     wandb_history_path: Optional[str] = None  # official flag, accepted; the official script never reads it
     max_consecutive_faults: int = 20
-    fault_injection: Optional[Dict[str, Any]] = None  # tests only: {loss: sit_loss, steps: [..], count: 1}
     # -- model --------------------------------------------------------------------------
     model: str = "SiT-XL/2"
     model_overrides: Dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 2, hidden_size: 64}
@@ -156,6 +156,10 @@ class TrainConfig:
                       fused_ops=self.fused_ops)
         kwargs.update(self.model_overrides)
         return kwargs
+
+    def learning_rates(self) -> Dict[str, float]:
+        """Per trained model (the backend's names), its optimizer's learning rate."""
+        return {"sit": self.learning_rate, "vae": self.vae_learning_rate, "disc": self.disc_learning_rate}
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -328,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         default_type = type(f.default) if f.default is not None and f.default is not dataclasses.MISSING else str
-        if name in ("model_overrides", "fault_injection"):
+        if name == "model_overrides":
             parser.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, help="JSON mapping")
         elif name == "encoder_ckpts":
             parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS)
@@ -429,8 +433,6 @@ def validate_values(config: TrainConfig) -> None:
         raise ConfigError("train_mode ldm needs latents_path (the directory written by repa_e_fast.cache_latents)")
     if config.zero_stage is not None and config.zero_stage not in (0, 1, 2):
         raise ConfigError(f"zero_stage must be 0, 1 or 2, got {config.zero_stage}")
-    if config.fault_injection is not None and not isinstance(config.fault_injection, dict):
-        raise ConfigError("fault_injection must be a mapping like {loss: sit_loss, steps: [3, 4]}")
     from .models.encoders import parse_enc_type
 
     try:

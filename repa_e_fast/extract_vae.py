@@ -23,7 +23,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .generate import checkpoint_entry, load_vae, read_checkpoint
+from .engine.official_format import checkpoint_entry, load_vae, read_checkpoint
 from .models.vae import VAE_LAYOUTS
 
 

@@ -53,18 +53,17 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from .engine.checkpoint import verify_enclosing_checkpoint
+from .engine.official_format import checkpoint_entry, load_vae, read_checkpoint
+from .engine.runtime import setup_runtime
 from .models.checkpoints import (
     CheckpointError,
     load_latents_stats,
     load_state_dict_file,
     load_state_dict_strict,
-    safe_torch_load,
-    strip_wrapper_prefixes,
 )
 from .models.encoders import parse_enc_type
 from .models.sit import SiT, build_sit
-from .models.vae import VAE_LAYOUTS, AutoencoderKL, build_vae
+from .models.vae import VAE_LAYOUTS, AutoencoderKL
 from .sampling import denormalize_latents, euler_maruyama_sampler, euler_sampler
 
 # Official training defaults for entries a run's arguments may lack (bn_momentum is None when
@@ -88,35 +87,8 @@ SAMPLING_OPTIONS = ("mode", "num_steps", "cfg_scale", "guidance_low", "guidance_
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints and run arguments (shared with extract_vae)
+# Checkpoints and run arguments
 # ----------------------------------------------------------------------------------------
-def read_checkpoint(path: str) -> Dict:
-    """An official training checkpoint (dict with ``ema``, ``vae``, ``args`` ...), memory-mapped
-    so optimiser states that are never touched are never read."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    verify_enclosing_checkpoint(path)
-    try:
-        checkpoint = safe_torch_load(path, mmap=True)  # the allow-list covers the official "args" (Q19)
-    except CheckpointError:
-        raise
-    except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a training-checkpoint dict")
-    return checkpoint
-
-
-def checkpoint_entry(checkpoint: Dict, key: str, path: str, why: str) -> Dict[str, torch.Tensor]:
-    """``checkpoint[key]`` as a state dict (wrapper prefixes stripped), or a one-line error."""
-    if key not in checkpoint:
-        raise CheckpointError(f"{path} has no {key!r} entry ({why}); it has {sorted(checkpoint)}")
-    entry = checkpoint[key]
-    if not isinstance(entry, dict) or not all(isinstance(v, torch.Tensor) for v in entry.values()):
-        raise CheckpointError(f"{path}[{key!r}] is not a state dict of tensors")
-    return strip_wrapper_prefixes(entry)
-
-
 def experiment_paths(exp_path: str, train_steps) -> Tuple[str, str]:
     """Official layout: ``<exp>/args.json`` and ``<exp>/checkpoints/<steps zero-padded to 7>.pt``
     (or a repa_e_fast run's ``checkpoints/<steps>/official.pt``)."""
@@ -184,15 +156,6 @@ def build_sit_for_run(run_args: Dict) -> SiT:
     )
     kwargs.update(run_args.get("model_overrides") or {})  # repa_e_fast runs: demo / test model sizes
     return build_sit(run_args["model"], **kwargs)
-
-
-def load_vae(layout: str, state_dict: Dict[str, torch.Tensor], source: str) -> AutoencoderKL:
-    """Strict load; the base width ``ch`` (128 in every published VAE) is read from the weights."""
-    if "encoder.conv_in.weight" not in state_dict:
-        raise CheckpointError(f"{source} is not an AutoencoderKL state dict (no 'encoder.conv_in.weight')")
-    vae = build_vae(layout, ch=int(state_dict["encoder.conv_in.weight"].shape[0]))
-    load_state_dict_strict(vae, state_dict, f"{layout} VAE (from {source})")
-    return vae.eval()
 
 
 def latents_stats_path(vae_ckpt: str) -> str:
@@ -433,21 +396,6 @@ def reusable_samples_problem(folder: str, source: Dict) -> Optional[str]:
     return None
 
 
-def setup_distributed() -> Tuple[int, int, torch.device]:
-    """torchrun (RANK / WORLD_SIZE set): a process group, nccl on CUDA, gloo on CPU; else one process."""
-    use_cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def check_options(options) -> None:
     """Flag errors, before anything is read from disk."""
     if options.label_sampling == "random" and options.class_balanced:
@@ -542,7 +490,8 @@ def main(argv=None) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = options.tf32
     torch.backends.cudnn.allow_tf32 = options.tf32
-    rank, world_size, device = setup_distributed()
+    runtime = setup_runtime()  # torchrun: a process group, one device per rank
+    rank, world_size, device = runtime.rank, runtime.world_size, runtime.device
     distributed = dist.is_initialized()
     run.model.to(device)
     run.vae.to(device)

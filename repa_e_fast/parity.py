@@ -394,7 +394,7 @@ def check_vae_loss(data: dict, out: Comparator) -> None:
 # ----------------------------------------------------------------------------------------
 def build_e2e_step(data: dict):
     """Modules, optimizers and step exactly as the fixture's config describes them."""
-    from .engine.backends import SingleProcessBackend, build_adamw
+    from .engine.build import make_backend
     from .engine.step import REPAEStep, StepConfig
     from .models.sit import SiT
 
@@ -415,10 +415,10 @@ def build_e2e_step(data: dict):
     loss_fn = build_vae_loss(loss_config, states["loss_module"],
                              discriminator_kwargs=config.get("discriminator", {}).get("kwargs"))
     adam = dict(betas=(hp["adam_beta1"], hp["adam_beta2"]), eps=hp["adam_epsilon"], weight_decay=hp["adam_weight_decay"])
-    optimizers = {"sit": build_adamw(sit, hp["learning_rate"], **adam),
-                  "vae": build_adamw(vae, hp["vae_learning_rate"], **adam),
-                  "disc": build_adamw(loss_fn, hp["disc_learning_rate"], **adam)}
-    backend = SingleProcessBackend({"sit": sit, "vae": vae, "disc": loss_fn}, optimizers, precision="fp32")
+    lrs = {"sit": hp["learning_rate"], "vae": hp["vae_learning_rate"], "disc": hp["disc_learning_rate"]}
+    backend = make_backend("single", {"sit": sit, "vae": vae, "disc": loss_fn},
+                           {name: dict(lr=lr, **adam) for name, lr in lrs.items()}, precision="fp32")
+    optimizers = backend.optimizers
     step_config = StepConfig(path_type=hp["path_type"], weighting=hp["weighting"], proj_coeff=hp["proj_coeff"],
                              vae_align_proj_coeff=hp["vae_align_proj_coeff"], max_grad_norm=hp["max_grad_norm"],
                              ema_decay=hp["ema_decay"], align_pass_final_layer=True)

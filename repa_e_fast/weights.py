@@ -27,6 +27,8 @@ import time
 import urllib.error
 import urllib.request
 
+from repa_e_fast.errors import RepaEFastError
+
 EXIT_BAD = 2
 CHUNK = 1 << 20
 
@@ -80,7 +82,7 @@ for _vae, _stem in (("sdvae", "sdvae-f8d4"), ("invae", "invae-f16d32"), ("vavae"
     REGISTRY[f"sit-repae-{_vae}"] = _hugging_face(f"sit-repae-{_vae}", "args.json", "checkpoints/0400000.pt")
 
 
-class FetchError(Exception):
+class FetchError(RepaEFastError):
     """A clear, one-line reason a fetch failed."""
 
 

@@ -4,7 +4,7 @@
 
 A single-process torch AdamW trains a tiny MLP for 2 steps (state S, weights W2) and a third
 (W3). Each DeepSpeed run (ZeRO 0 and 2) starts from W2, loads S with
-``load_full_optimizer_state_dicts`` (or not, as a control), exports it again and takes the
+``load_optimizer_state_dicts`` (or not, as a control), exports it again and takes the
 third step on per-rank halves of the same batch. OUT.json: per run, the largest differences
 of the re-exported state from S and of the weights from W3."""
 
@@ -70,8 +70,8 @@ def worker(rank, port, out):
         backend = DeepSpeedBackend({"m": net}, {"m": OPTIMIZER}, {"zero_optimization": {"stage": stage}},
                                    precision="fp32", micro_batch_size=2, max_grad_norm=100.0)
         if load:
-            backend.load_full_optimizer_state_dicts({"m": state})
-        exported = backend.full_optimizer_state_dicts()["m"]["state"]
+            backend.load_optimizer_state_dicts({"m": state})
+        exported = backend.optimizer_state_dicts()["m"]["state"]
         state_diff = max((exported[i][key] - s[key]).abs().max().item()
                          for i, s in state["state"].items() for key in ("exp_avg", "exp_avg_sq")) if exported else None
         steps = sorted({float(s["step"]) for s in exported.values()})

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from repa_e_fast.engine.backends import DDPBackend, SingleProcessBackend, build_adamw  # noqa: E402
+from repa_e_fast.engine import build  # noqa: E402
 from repa_e_fast.engine.step import REPAEStep  # noqa: E402
 from repa_e_fast.engine.sync_batchnorm import convert_to_global_batchnorm  # noqa: E402
 from repa_e_fast.losses.vae_loss import VAELossConfig, VAERegularizationLoss  # noqa: E402
@@ -185,17 +185,12 @@ def make_backend(kind, template, precision, accumulation, models):
             for module in models[name].modules():
                 if type(module) is nn.BatchNorm2d:
                     module.__class__ = SplitBatchNorm2d  # same parameters and buffers
-        optimizers = {name: build_adamw(module, **OPTIMIZER) for name, module in models.items()}
-        return SingleProcessBackend(models, optimizers, precision, accumulation)
-    for name in ("sit", "disc"):  # global BN: the SiT latent BN, the discriminator's BNs
-        convert_to_global_batchnorm(models[name])
-    if kind == "ddp":
-        optimizers = {name: build_adamw(module, **OPTIMIZER) for name, module in models.items()}
-        return DDPBackend(models, optimizers, precision, accumulation)
-    from repa_e_fast.engine.backend_deepspeed import DeepSpeedBackend
-    return DeepSpeedBackend(models, {name: OPTIMIZER for name in models}, ds_config(template, precision),
-                            precision=precision, gradient_accumulation_steps=accumulation,
-                            micro_batch_size=PER_RANK, max_grad_norm=1.0)
+    else:
+        for name in ("sit", "disc"):  # global BN: the SiT latent BN, the discriminator's BNs
+            convert_to_global_batchnorm(models[name])
+    return build.make_backend(kind, models, {name: OPTIMIZER for name in models}, precision, accumulation,
+                              ds_config=ds_config(template, precision) if kind == "deepspeed" else None,
+                              micro_batch_size=PER_RANK, max_grad_norm=1.0)
 
 
 def scalars(logs: dict, world: int) -> dict:
@@ -217,9 +212,7 @@ def snapshot(backend, ema) -> dict:
 
 
 def optimizer_states(backend) -> dict:
-    if isinstance(backend, SingleProcessBackend):
-        return {name: copy.deepcopy(o.state_dict()) for name, o in backend.optimizers.items()}
-    return backend.full_optimizer_state_dicts()
+    return copy.deepcopy(backend.optimizer_state_dicts())
 
 
 def train(run: Run, models, ema, rank: int, world: int, kind: str, batches=None, start: int = 0, backend=None,

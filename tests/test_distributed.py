@@ -81,7 +81,7 @@ def test_deepspeed_two_ranks_match_one_process_with_the_global_batch(results, na
     assert entry["faults"] == [None, None, None]  # 3 REPA-E steps, none skipped, no hang
     assert entry["was_step_applied"] == {"sit": True, "vae": True, "disc": True}
     assert entry["optimizer_kinds"] == {"sit": "torch.AdamW", "vae": "torch.AdamW", "disc": "torch.AdamW"}
-    # also checks full_optimizer_state_dicts(): torch AdamW layout and values of the reference's optimizers
+    # also checks optimizer_state_dicts(): torch AdamW layout and values of the reference's optimizers
     assert_matches_single_process(entry)
 
 

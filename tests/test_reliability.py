@@ -2,15 +2,18 @@
 Every run is a real subprocess of the command line, bounded by a timeout."""
 
 import copy
+import os
 import random
 import resource
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
+from _faults import LossFault
 from _paths import REPO
 from _train_helpers import (assert_same_weights, checkpoint_dir, load_official, run_train, train_command,
                             train_env)
@@ -83,8 +86,10 @@ def test_injected_nan_skips_the_step_for_every_model():
     before = {name: copy.deepcopy(backend.unwrap(name).state_dict()) for name in ("sit", "vae", "disc")}
     optim_before = {name: copy.deepcopy(o.state_dict()) for name, o in backend.optimizers.items()}
     ema_before = copy.deepcopy(step.ema.state_dict())
+    fault = LossFault(None)
+    fault.install(backend)
     for loss in ("vae_loss", "d_loss", "sit_loss"):
-        step.inject_fault = loss
+        fault.loss = loss
         step(images, labels, 1, zs=zs)
         assert step.last_fault == loss
         for name in ("sit", "vae", "disc"):
@@ -97,14 +102,19 @@ def test_injected_nan_skips_the_step_for_every_model():
             steps = [float(s["step"]) for s in optimizer.state_dict()["state"].values()]
             assert steps == [float(s["step"]) for s in optim_before[name]["state"].values()] and set(steps) == {1.0}
         assert all(torch.equal(v, ema_before[k]) for k, v in step.ema.state_dict().items())
-    step.inject_fault = None
+    fault.loss = None
     step(images, labels, 1, zs=zs)
     assert step.last_fault is None and backend.optimizers["sit"].state_dict()["state"][0]["step"] == 2
 
 
+def faulty_train(fault: str) -> list:
+    """The trainer's command line with ``fault`` (tests/_faults.py) injected from outside."""
+    return [sys.executable, os.path.join(REPO, "tests", "_faults.py"), fault]
+
+
 def test_repeated_nan_aborts_with_exit_65_and_keeps_the_last_checkpoint(tmp_path):
     result = run_train(tmp_path, "--max-train-steps", 20, "--checkpointing-steps", 2, "--max-consecutive-faults", 3,
-                       "--fault-injection", '{"loss": "sit_loss", "steps": [2], "count": 100}')
+                       launcher=faulty_train('{"loss": "sit_loss", "steps": [2], "count": 100}'))
     assert result.returncode == 65, result.stderr[-2000:]
     assert "3 consecutive steps had non-finite values (last: sit_loss)" in result.stderr
     assert "Traceback" not in result.stderr
@@ -115,7 +125,7 @@ def test_repeated_nan_aborts_with_exit_65_and_keeps_the_last_checkpoint(tmp_path
 
 def test_one_nan_step_is_skipped_and_counted(tmp_path):
     result = run_train(tmp_path, "--max-train-steps", 3, "--checkpointing-steps", 3,
-                       "--fault-injection", '{"loss": "vae_loss", "steps": [1]}')
+                       launcher=faulty_train('{"loss": "vae_loss", "steps": [1]}'))
     assert result.returncode == 0, result.stderr[-2000:]
     import json
 

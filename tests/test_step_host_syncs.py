@@ -12,6 +12,7 @@ from repa_e_fast.engine.ema import update_ema
 from repa_e_fast.engine.host_sync import HostSyncCounter
 from repa_e_fast.engine.step import LDMStep
 from repa_e_fast.models.sit import SiT
+from _faults import LossFault
 from test_step import batch, tiny_setup
 
 
@@ -55,7 +56,7 @@ def test_faulty_and_accumulating_micro_steps_read_the_host_once():
     images, labels, zs = batch()
     syncs = count_syncs(backend, lambda: step(images, labels, 0, zs=zs))  # off the boundary: no clipping
     assert syncs.count <= 1, syncs.events
-    step.inject_fault = "d_loss"
+    LossFault("d_loss").install(backend)
     syncs = count_syncs(backend, lambda: step(images, labels, 1, zs=zs))
     assert syncs.count <= 1 and step.last_fault == "d_loss", syncs.events
 

@@ -14,10 +14,12 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from ..errors import RepaEFastError
+
 __all__ = ["adm_center_crop", "adm_geometry", "AdmGeometry", "decode_rgb", "check_image_size", "BadImage"]
 
 
-class BadImage(Exception):
+class BadImage(RepaEFastError):
     """An image that cannot be used (unreadable, not an image, truncated, corrupt)."""
 
 

@@ -32,6 +32,8 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image
 
+from ..errors import RepaEFastError
+
 logger = logging.getLogger("repa_e_fast.data")
 
 __all__ = [
@@ -48,7 +50,7 @@ __all__ = [
 PREPARED_FORMAT = "repa_e_fast.prepared_images"
 
 
-class DatasetError(ValueError):
+class DatasetError(RepaEFastError, ValueError):
     """A dataset path that cannot be used (missing, empty, incomplete, wrong resolution)."""
 
 

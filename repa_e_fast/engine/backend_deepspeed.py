@@ -412,7 +412,7 @@ class DeepSpeedBackend:
             self.scaler.load_state_dict(state["scaler"])
         self._check_boundaries()
 
-    def full_optimizer_state_dicts(self) -> Dict[str, dict]:
+    def optimizer_state_dicts(self) -> Dict[str, dict]:
         """Collective. Consolidated torch ``AdamW.state_dict()``s, one per model, in the
         official layout (all parameters in ``parameters()`` order, torch's param group
         fields; no state before the first update), for the official single-file export.
@@ -445,8 +445,8 @@ class DeepSpeedBackend:
             result[name] = exported
         return result
 
-    def load_full_optimizer_state_dicts(self, states: Dict[str, dict]) -> None:
-        """The inverse of ``full_optimizer_state_dicts``: torch ``AdamW.state_dict()``s in the
+    def load_optimizer_state_dicts(self, states: Dict[str, dict]) -> None:
+        """The inverse of ``optimizer_state_dicts``: torch ``AdamW.state_dict()``s in the
         official layout (state indexed by ``parameters()`` order) -> each engine's optimizer.
         Stage 0: per-parameter states; ZeRO-1/2: each rank copies its fragment of every
         parameter into its flat fp32 partition's ``exp_avg``/``exp_avg_sq``. Only the moments
@@ -485,6 +485,12 @@ class DeepSpeedBackend:
                 for key in ("exp_avg", "exp_avg_sq"):
                     fragment = state[key].reshape(-1).narrow(0, lp.start, lp.numel)
                     flat_state[key].narrow(0, hp.start, hp.numel).copy_(fragment)
+
+    def set_learning_rates(self, lrs: Dict[str, float]) -> None:
+        for name, engine in self.models.items():
+            # A ZeRO optimizer exposes its base optimizer's param groups.
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lrs[name]
 
     @staticmethod
     def _set_step(optimizer, state: dict, step: float) -> None:

@@ -13,18 +13,61 @@ Per model name ("sit", "vae", "disc") the step calls:
 
 plus ``autocast()``, ``sync_step``, ``end_micro_step()``, ``any_rank(flags)`` (the
 element-wise maximum of a float flag vector over ranks, on the device, so all ranks skip
-together) and ``unwrap(name)``. Single process and DDP live here, DeepSpeed in
+together) and ``unwrap(name)``; the checkpoint code calls ``optimizer_state_dicts()``,
+``load_optimizer_state_dicts(states)`` and ``set_learning_rates(lrs)``. ``TrainingBackend``
+states this interface. Single process and DDP live here, DeepSpeed in
 ``backend_deepspeed.py``.
 """
 
 import contextlib
-from typing import Dict, Optional
+from typing import ContextManager, Dict, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class TrainingBackend(Protocol):
+    """What the step and the checkpoint code need from a backend (see the module docstring).
+    ``models[name]`` is what the step calls (possibly a DDP module or a DeepSpeed engine),
+    ``unwrap(name)`` the plain module."""
+
+    models: Dict[str, nn.Module]
+
+    @property
+    def sync_step(self) -> bool: ...
+
+    @property
+    def checks_grad_norm(self) -> bool: ...
+
+    def autocast(self) -> ContextManager: ...
+
+    def backward(self, name: str, loss: torch.Tensor) -> None: ...
+
+    def clip_grad_norm(self, name: str, max_norm: float) -> Optional[torch.Tensor]: ...
+
+    def step(self, name: str, overflow: bool = False) -> None: ...
+
+    def skip(self, name: str) -> None: ...
+
+    def grad_norm_after_step(self, name: str) -> Optional[torch.Tensor]: ...
+
+    def any_rank(self, flags: torch.Tensor) -> torch.Tensor: ...
+
+    def end_micro_step(self) -> None: ...
+
+    def unwrap(self, name: str) -> nn.Module: ...
+
+    def optimizer_state_dicts(self) -> Dict[str, dict]:
+        """Per model, a torch ``AdamW.state_dict()`` in the official layout (collective under
+        ZeRO, returned on every rank)."""
+
+    def load_optimizer_state_dicts(self, states: Dict[str, dict]) -> None: ...
+
+    def set_learning_rates(self, lrs: Dict[str, float]) -> None:
+        """Put ``lrs[name]`` into every param group of that model's optimizer."""
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -153,9 +196,6 @@ class SingleProcessBackend:
     def grad_norm_after_step(self, name: str) -> Optional[torch.Tensor]:
         return None
 
-    def zero_grad(self, name: str) -> None:
-        self.optimizers[name].zero_grad(set_to_none=True)
-
     def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
         return flags
 
@@ -166,15 +206,27 @@ class SingleProcessBackend:
         return self.modules[name]
 
     # -- state ----------------------------------------------------------------------------
+    def optimizer_state_dicts(self) -> Dict[str, dict]:
+        return {k: o.state_dict() for k, o in self.optimizers.items()}
+
+    def load_optimizer_state_dicts(self, states: Dict[str, dict]) -> None:
+        for key, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(states[key])
+
+    def set_learning_rates(self, lrs: Dict[str, float]) -> None:
+        for name, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = lrs[name]
+
     def state_dict(self) -> dict:
-        state = {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}, "micro_step": self.micro_step}
+        """The backend's own counters (micro-step, fp16 loss scale); the optimizers are saved
+        through ``optimizer_state_dicts``."""
+        state = {"micro_step": self.micro_step}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][key])
         self.micro_step = state.get("micro_step", 0)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

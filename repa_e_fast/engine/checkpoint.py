@@ -41,21 +41,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import RepaEFastError
 from ..models.checkpoints import CheckpointError
 
 MANIFEST = "MANIFEST.json"
 CHECKPOINT_NAME = re.compile(r"^\d{7}$")
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(RepaEFastError, RuntimeError):
     pass
 
 
-class NoGoodCheckpoint(RuntimeError):
+class NoGoodCheckpoint(RepaEFastError, RuntimeError):
     pass
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(RepaEFastError, RuntimeError):
     """The run folder cannot be used: locked by another trainer, read-only, full."""
 
 

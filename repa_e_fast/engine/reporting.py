@@ -1,6 +1,8 @@
-"""What a run leaves for its user: metrics (JSONL, TensorBoard, Weights & Biases), sample
-grids (raw, and a readable sheet: upscaled, labelled by class, reconstructions beside) and
-loss curves (one panel per loss family, smoothed over faint raw values) as PNG files. Rank 0 only; every writer is optional but JSONL."""
+"""What a run leaves for its user: metrics (JSONL, TensorBoard, Weights & Biases; the logged
+values averaged over ranks by ``reduce_logs``), sample grids (``sample_grid``: EMA samples,
+raw and as a readable sheet: upscaled, labelled by class, reconstructions beside) and loss
+curves (one panel per loss family, smoothed over faint raw values) as PNG files. Rank 0 only;
+every writer is optional but JSONL (``write_optional``)."""
 
 import json
 import math
@@ -10,7 +12,12 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
+
+from .runtime import Runtime, log
+
+LOGGED_CURVES = ("sit_loss", "denoising_loss", "proj_loss", "vae_loss", "vae_align_loss", "d_loss")
 
 
 class MetricsLogger:
@@ -323,3 +330,64 @@ def _save_png(image: Image.Image, path: Path) -> Path:
     image.save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def reduce_logs(logs: Dict[str, torch.Tensor], runtime: Runtime) -> Dict[str, float]:
+    """The step's logged tensors averaged over ranks (collective), as floats."""
+    keys = sorted(k for k, v in logs.items() if torch.is_tensor(v))
+    if not keys:
+        return {}
+    values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).to(runtime.device)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= runtime.world_size
+    return dict(zip(keys, values.tolist()))
+
+
+@torch.no_grad()
+def sample_grid(config, runtime: Runtime, models, step: int, directory: Path,
+                real_images: Optional[torch.Tensor] = None) -> Path:
+    """EMA samples, fixed noise and labels (a private generator: the training RNG streams are
+    untouched, so sampling never changes the run). With ``real_images`` (uint8, a training
+    batch), the readable sheet also shows their VAE reconstructions."""
+    from repa_e_fast.sampling import denormalize_latents, euler_sampler
+
+    ema, vae = models["ema"], models["vae"]
+    count = config.sample_grid_size
+    generator = torch.Generator().manual_seed(config.seed)
+    noise = torch.randn(count, config.latent_channels, config.latent_size, config.latent_size, generator=generator)
+    labels = torch.arange(count) % config.num_classes
+    was_training = vae.training
+    ema.eval()
+    vae.eval()
+    latents = euler_sampler(ema, noise.to(runtime.device), labels.to(runtime.device),
+                            num_steps=config.sample_num_steps, cfg_scale=config.sample_cfg_scale,
+                            path_type=config.path_type)
+    stats = ema.extract_latents_stats()
+    z = denormalize_latents(latents.float(), stats["latents_scale"], stats["latents_bias"])
+    images = vae.decode(z).sample
+    reconstructions = None
+    if real_images is not None:
+        real = real_images[:8].to(runtime.device)
+        decoded = vae.decode(vae.encode(real.float() / 127.5 - 1).mean).sample
+        reconstructions = (real.cpu(), torch.clamp(255 * (decoded + 1) / 2, 0, 255).to(torch.uint8).cpu())
+    vae.train(was_training)
+    images = torch.clamp(255 * (images + 1) / 2, 0, 255).to(torch.uint8)  # official truncating cast
+    # Labels cycle through the classes, so with a multiple of num_classes each column is one class.
+    columns = config.num_classes if count % config.num_classes == 0 and config.num_classes <= 16 else None
+    grid = save_image_grid(images, directory / f"samples_{step:07d}.png", columns=columns)
+    # The same samples upscaled and labelled by class, for a person to look at.
+    save_sample_sheet(images, directory / f"samples_{step:07d}_sheet.png", labels=labels.tolist(), columns=columns,
+                      title=f"EMA samples, step {step}", reconstructions=reconstructions)
+    return grid
+
+
+def write_optional(runtime: Runtime, what: str, write) -> Optional[Path]:
+    """Sample grids and the loss plot are optional: a full or read-only disk there is a
+    warning and training goes on (checkpoints have their own error path: exit 2, the
+    previous checkpoint intact)."""
+    try:
+        return write()
+    except OSError as error:
+        log(runtime, f"warning: could not write the {what} ({error.strerror or error}); training continues")
+        return None

@@ -14,10 +14,12 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..errors import RepaEFastError
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RepaEFastError, ValueError):
     """A checkpoint that does not fit the model: names the file and every problem."""
 
 
