@@ -75,7 +75,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_75(tmp_path):
 
 
 def test_injected_nan_skips_the_step_for_every_model():
-    from test_step import batch, tiny_setup
+    from test_step import batch, nan_loss, tiny_setup
 
     step, backend = tiny_setup()
     images, labels, zs = batch()
@@ -84,8 +84,8 @@ def test_injected_nan_skips_the_step_for_every_model():
     optim_before = {name: copy.deepcopy(o.state_dict()) for name, o in backend.optimizers.items()}
     ema_before = copy.deepcopy(step.ema.state_dict())
     for loss in ("vae_loss", "d_loss", "sit_loss"):
-        step.inject_fault = loss
-        step(images, labels, 1, zs=zs)
+        with nan_loss(backend, loss):
+            step(images, labels, 1, zs=zs)
         assert step.last_fault == loss
         for name in ("sit", "vae", "disc"):
             for key, value in backend.unwrap(name).state_dict().items():
@@ -97,7 +97,6 @@ def test_injected_nan_skips_the_step_for_every_model():
             steps = [float(s["step"]) for s in optimizer.state_dict()["state"].values()]
             assert steps == [float(s["step"]) for s in optim_before[name]["state"].values()] and set(steps) == {1.0}
         assert all(torch.equal(v, ema_before[k]) for k, v in step.ema.state_dict().items())
-    step.inject_fault = None
     step(images, labels, 1, zs=zs)
     assert step.last_fault is None and backend.optimizers["sit"].state_dict()["state"][0]["step"] == 2
 

@@ -1,6 +1,7 @@
 """The REPA-E and LDM-only steps beyond the fixture: gradient routing, no requires_grad
 toggling, accumulation, precisions, EMA."""
 
+import contextlib
 import copy
 
 import pytest
@@ -27,6 +28,28 @@ def tiny_setup(precision="fp32", accumulation=1, lecam=0.0, seed=0):
     optimizers = {"sit": build_adamw(sit), "vae": build_adamw(vae), "disc": build_adamw(loss_fn)}
     backend = SingleProcessBackend({"sit": sit, "vae": vae, "disc": loss_fn}, optimizers, precision, accumulation)
     return REPAEStep(backend, ema), backend
+
+
+@contextlib.contextmanager
+def nan_loss(backend, loss):
+    """Make one loss of the REPA-E step NaN, from outside the step: "vae_loss" and "d_loss"
+    poison the VAE-loss module's generator and discriminator outputs, "sit_loss" the SiT's
+    denoising loss (not the align pass of the VAE loss)."""
+    module = backend.unwrap("sit" if loss == "sit_loss" else "disc")
+    forward = module.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if loss == "sit_loss":
+            return out if kwargs.get("align_only") else {**out, "denoising_loss": out["denoising_loss"] * float("nan")}
+        mode = {"vae_loss": "generator", "d_loss": "discriminator"}[loss]
+        return (out[0] * float("nan"), out[1]) if args[4] == mode else out
+
+    module.forward = poisoned
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 def batch(seed=1, size=2):

@@ -12,7 +12,7 @@ from repa_e_fast.engine.ema import update_ema
 from repa_e_fast.engine.host_sync import HostSyncCounter
 from repa_e_fast.engine.step import LDMStep
 from repa_e_fast.models.sit import SiT
-from test_step import batch, tiny_setup
+from test_step import batch, nan_loss, tiny_setup
 
 
 def count_syncs(backend, run):
@@ -55,8 +55,8 @@ def test_faulty_and_accumulating_micro_steps_read_the_host_once():
     images, labels, zs = batch()
     syncs = count_syncs(backend, lambda: step(images, labels, 0, zs=zs))  # off the boundary: no clipping
     assert syncs.count <= 1, syncs.events
-    step.inject_fault = "d_loss"
-    syncs = count_syncs(backend, lambda: step(images, labels, 1, zs=zs))
+    with nan_loss(backend, "d_loss"):
+        syncs = count_syncs(backend, lambda: step(images, labels, 1, zs=zs))
     assert syncs.count <= 1 and step.last_fault == "d_loss", syncs.events
 
 
