@@ -427,6 +427,33 @@ def build_e2e_step(data: dict):
     return REPAEStep(backend, ema, step_config), (sit, ema, vae, loss_fn, optimizers)
 
 
+def step_by_phase(step, images, labels, global_step: int, zs, posterior_noise=None, time_input=None, noises=None):
+    """One ``REPAEStep`` call run phase by phase, in ``__call__``'s order, keeping what the
+    fixtures record: each phase's outputs, the VAE loss's gradients w.r.t. the moments, z
+    and the reconstruction, and the VAE and SiT gradients before clipping.
+    Returns (logs, intermediate)."""
+    logs: Dict[str, torch.Tensor] = {}
+    step.begin()
+    vae_out = step.vae_forward(images, posterior_noise)
+    z, moments, recon = vae_out["z"], vae_out["posterior"].parameters, vae_out["recon_image"]
+    for tensor in (z, moments, recon):
+        tensor.retain_grad()
+    inter = step.vae_backward(vae_out, labels, zs, global_step, logs, time_input, noises)
+    inter.update(step.discriminator_backward(vae_out, global_step, logs))
+    align = inter["vae_align"]
+    inter.update(step.sit_backward(z, labels, zs, logs, align["time_input"], align["noises"]))
+    # Only pass (A) reaches the VAE and these tensors (B and C see detached copies).
+    inter.update(processed_image=vae_out["processed_image"], moments=moments.detach(), z=z.detach(),
+                 recon_image=recon.detach(), time_input=align["time_input"], noises=align["noises"],
+                 vae_loss_grad_wrt_z=z.grad.clone(), vae_loss_grad_wrt_moments=moments.grad.clone(),
+                 vae_loss_grad_wrt_recon_image=recon.grad.clone())
+    for name in ("vae", "sit"):
+        inter[f"{name}_grads_before_clip"] = {n: p.grad.clone() for n, p in step.backend.unwrap(name).named_parameters()
+                                              if p.grad is not None}
+    step.update_models(logs)
+    return logs, inter
+
+
 def check_e2e_step(data: dict, out: Comparator) -> None:
     """The chained step, plus each stage on the reference's own inputs (``parity_stages``):
     the chained values' tolerances grow by the stage's measured sensitivity."""
@@ -437,10 +464,9 @@ def check_e2e_step(data: dict, out: Comparator) -> None:
     initial_modules = build_e2e_step(data)[1]
     lr = config["hparams"]["learning_rate"]
     torch.manual_seed(config["rng_seed"])
-    logs = step(inputs["raw_image"], inputs["labels"], inputs.get("global_step", 0), zs=inputs["zs"],
-                time_input=inputs.get("explicit_time_input"), noises=inputs.get("explicit_noises"),
-                keep_intermediate=True)
-    inter = logs.pop("intermediate")
+    logs, inter = step_by_phase(step, inputs["raw_image"], inputs["labels"], inputs.get("global_step", 0),
+                                inputs["zs"], time_input=inputs.get("explicit_time_input"),
+                                noises=inputs.get("explicit_noises"))
     ref = outputs["intermediate"]
     sensitivity = check_stages(data, out, initial_modules, step.config, inter["processed_image"])
 

@@ -32,7 +32,7 @@ from typing import Dict, List
 
 import torch
 
-from .parity import FORWARD_ATOL, FORWARD_RTOL, Comparator, Result
+from .parity import FORWARD_ATOL, FORWARD_RTOL, Comparator, Result, step_by_phase
 
 SIT_LOGS = ("sit_loss", "denoising_loss", "grad_norm_sit")
 RESTART_STEP = 15
@@ -135,10 +135,9 @@ def replay(data: dict, step, modules, first: int, last: int):
     logs: List[Dict[str, float]] = []
     records: List[dict] = []
     for k in range(first, last + 1):
-        result = step(inputs["raw_images"][k], inputs["labels"][k], int(inputs["global_steps"][k]),
-                      zs=[z[k] for z in inputs["zs"]], posterior_noise=randoms["posterior_eps"][k],
-                      time_input=randoms["time_input"][k], noises=randoms["noises"][k], keep_intermediate=True)
-        inter = result.pop("intermediate")
+        result, inter = step_by_phase(step, inputs["raw_images"][k], inputs["labels"][k], int(inputs["global_steps"][k]),
+                                      [z[k] for z in inputs["zs"]], posterior_noise=randoms["posterior_eps"][k],
+                                      time_input=randoms["time_input"][k], noises=randoms["noises"][k])
         logs.append({key: float(value) for key, value in result.items()})
         records.append({
             "sit_bn_running_mean": sit.bn.running_mean.clone(), "sit_bn_running_var": sit.bn.running_var.clone(),

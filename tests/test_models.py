@@ -85,6 +85,31 @@ def test_attention_backends_agree(qk_norm):
         assert "blocks.0.attn.q_norm.weight" in sdpa.state_dict()
 
 
+def test_one_switch_sets_every_fast_path_and_attention_kernel():
+    from repa_e_fast.models.attention import Attention
+    from repa_e_fast.models.fast_path import FastPath, set_fast_path
+
+    torch.manual_seed(0)
+    sit = tiny_sit().eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
+    sdpa_out = sit.inference(x, t, y)
+    switches = [m for m in sit.modules() if isinstance(m, FastPath)]
+    assert len(switches) == 2 + len(sit.blocks)  # the SiT, its blocks and its final layer
+    assert set_fast_path(sit, fused_ops=True, attention="math") is sit
+    assert all(m.fused_ops for m in switches)
+    assert {m.backend for m in sit.modules() if isinstance(m, Attention)} == {"math"}
+    sit.set_fused_ops(False)  # the attention kernel is left as it is
+    assert not any(m.fused_ops for m in switches)
+    assert {m.backend for m in sit.modules() if isinstance(m, Attention)} == {"math"}
+    assert torch.allclose(sit.inference(x, t, y), sdpa_out, atol=1e-5)
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        set_fast_path(sit, attention="fast")
+    # fused_attn=False is honoured (the explicit formula), an unknown argument refused
+    assert {m.backend for m in tiny_sit(fused_attn=False).modules() if isinstance(m, Attention)} == {"math"}
+    with pytest.raises(TypeError, match="fused_atn"):
+        tiny_sit(fused_atn=False)
+
+
 def test_missing_attention_package_is_a_clear_error():
     import importlib.util
 

@@ -135,3 +135,33 @@ def test_repa_validation_errors():
         ops.repa_cosine_loss(z.int(), z.int())
     with pytest.raises(TypeError, match="list/tuple of tensors"):
         ops.repa_cosine_loss("z", z)
+
+
+def test_repa_reference_refuses_what_the_fused_op_refuses():
+    # The models call the reference directly when their fast path is off: it must not
+    # broadcast mismatched pairs or drop an unpaired encoder silently.
+    z = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"zs\[1\] \(2, 3, 8\) and zs_tilde\[1\] \(2, 1, 8\) differ in shape"):
+        ops.repa_cosine_loss_reference([z, z], [z, z[:, :1]])
+    with pytest.raises(ValueError, match="one zs_tilde per zs and at least one pair, got 2 and 1"):
+        ops.repa_cosine_loss_reference([z, z], [z])
+    with pytest.raises(ValueError, match="at least one pair, got 0 and 0"):
+        ops.repa_cosine_loss_reference([], [])
+    with pytest.raises(TypeError, match="list/tuple of tensors"):
+        ops.repa_cosine_loss_reference(z, "z")
+
+
+def test_sit_reference_path_is_the_ops_reference():
+    # One REPA definition: the SiT off its fast path computes exactly the ops reference,
+    # in fp32 for bf16 projector outputs.
+    from repa_e_fast.models.sit import SiT
+
+    torch.manual_seed(0)
+    sit = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5,
+              z_dims=[8, 6], projector_dim=16, encoder_depth=1)
+    zs = [torch.randn(2, 4, 8), torch.randn(2, 4, 6)]
+    out = sit(torch.randn(2, 4, 4, 4), torch.tensor([1, 3]), zs)
+    assert torch.equal(out["proj_loss"], ops.repa_cosine_loss_reference(zs, out["zs_tilde"]))
+    bf16 = [t.bfloat16() for t in out["zs_tilde"]]
+    loss = sit.projection_loss(zs, bf16)
+    assert loss.dtype == torch.float32 and torch.equal(loss, ops.repa_cosine_loss_reference(zs, bf16))

@@ -55,9 +55,8 @@ def make_e2e_fixture():
     step, (sit, ema, vae, loss_fn, optimizers) = parity.build_e2e_step(copy.deepcopy(data))
     torch.manual_seed(data["config"]["rng_seed"])
     inputs = data["inputs"]
-    logs = step(inputs["raw_image"], inputs["labels"], 0, zs=inputs["zs"], time_input=inputs["explicit_time_input"],
-                noises=inputs["explicit_noises"], keep_intermediate=True)
-    inter = logs.pop("intermediate")
+    logs, inter = parity.step_by_phase(step, inputs["raw_image"], inputs["labels"], 0, inputs["zs"],
+                                       time_input=inputs["explicit_time_input"], noises=inputs["explicit_noises"])
     data["outputs"] = {
         "logs": {k: v.item() for k, v in logs.items()},
         "intermediate": {k: inter[k] for k in ("z", "recon_image", "moments", "sit_grads_before_clip", "vae_loss_dict")},

@@ -1,6 +1,9 @@
 """The REPA-E training step (spec §2.2) and the LDM-only step (spec §9.1).
 
-One REPA-E iteration, in the official order (reference README R1-R9):
+One REPA-E iteration, in the official order (reference README R1-R9), each part a method of
+``REPAEStep`` (``vae_forward``, ``vae_backward``, ``discriminator_backward``,
+``sit_backward``, ``update_models``) that ``__call__`` runs in turn and the parity tool
+runs one by one to inspect:
 
   VAE forward (one posterior sample z, reconstruction)
   (A) VAE:  regularisation loss (L1 + LPIPS + KL + GAN, frozen D)
@@ -61,8 +64,9 @@ def encoder_targets(encoders: Sequence[nn.Module], images: torch.Tensor) -> List
         return [encoder(images) for encoder in encoders]
 
 
-class _UpdateMixin:
-    """Fault handling and the update of several models at the end of a step.
+class _TrainingStep:
+    """What both steps share: the SiT loss pass, fault handling and the update of their
+    models (``MODELS``, backend keys) at the end of a step.
 
     A non-finite loss or, outside fp16, a non-finite gradient norm makes the step skip the
     optimizer update of every model and the EMA update; ``last_fault`` names what went bad
@@ -76,21 +80,69 @@ class _UpdateMixin:
     forwards' buffer updates (BatchNorm running statistics, LeCam averages) are put back
     on a fault, so a NaN reaching a train-mode BatchNorm cannot poison later steps."""
 
+    MODELS: Tuple[str, ...] = ("sit",)
+    # Pass (C) updates the latent BatchNorm's statistics; the LDM step keeps them fixed.
+    train_latent_bn = True
     last_fault: Optional[str] = None
-    inject_fault: Optional[str] = None  # tests: the name of a loss to treat as NaN
 
-    def _begin(self, names: Sequence[str]) -> None:
+    def __init__(self, backend, ema: nn.Module, config: StepConfig = StepConfig(), encoders: Sequence[nn.Module] = ()):
+        self.backend = backend
+        self.ema = ema
+        self.config = config
+        self.encoders = list(encoders)
+
+    def begin(self) -> None:
+        """Start a step: no fault yet, and the models' buffers saved to put back on a fault."""
         self.last_fault = None
         self._flags: List[Tuple[str, torch.Tensor]] = []
-        self._buffers = [b for name in names for b in self.backend.unwrap(name).buffers()]
+        self._buffers = [b for name in self.MODELS for b in self.backend.unwrap(name).buffers()]
         self._saved_buffers = [b.detach().clone() for b in self._buffers]
+
+    def sit_backward(self, z: torch.Tensor, labels: torch.Tensor, zs: Sequence[torch.Tensor], logs: Dict,
+                     time_input: Optional[torch.Tensor] = None, noises: Optional[torch.Tensor] = None) -> Dict:
+        """The SiT in train mode on the detached latent: denoising + proj_coeff * REPA loss,
+        backward into the SiT. Draws t and the noise unless given."""
+        backend, config = self.backend, self.config
+        sit = backend.models["sit"]
+        sit.train()
+        if not self.train_latent_bn:
+            backend.unwrap("sit").bn.eval()
+        with backend.autocast():
+            out = sit(z.detach(), labels, zs, path_type=config.path_type, weighting=config.weighting,
+                      time_input=time_input, noises=noises)
+        denoising = out["denoising_loss"].mean()
+        sit_loss = denoising + config.proj_coeff * out["proj_loss"].mean()
+        logs.update(sit_loss=sit_loss.detach(), denoising_loss=denoising.detach(), proj_loss=out["proj_loss"].detach())
+        self._watch("sit_loss", sit_loss)
+        backend.backward("sit", sit_loss)
+        return {"sit_loss": sit_loss.detach(), "sit": out}
+
+    def update_models(self, logs: Dict) -> None:
+        """Clip, step every model's optimizer and update the EMA (sync micro-steps), or only
+        check the losses; a fault skips the update of every model."""
+        backend, config, names = self.backend, self.config, self.MODELS
+        norms = ({name: backend.clip_grad_norm(name, config.max_grad_norm) for name in names}
+                 if backend.sync_step else {})
+        bad_losses, bad_norms = self._resolve(norms)
+        if not bad_losses:  # the norms of a bad loss's gradients are not logged
+            logs.update({f"grad_norm_{name}": norm.detach() for name, norm in norms.items() if norm is not None})
+        if bad_losses:
+            self._give_up(bad_losses)
+        elif getattr(backend, "checks_grad_norm", True) and any(bad_norms.values()):
+            self._give_up([f"grad_norm_{name}" for name, bad in bad_norms.items() if bad])
+        elif backend.sync_step:
+            for name in names:
+                backend.step(name, overflow=bad_norms.get(name, False))
+                if norms[name] is None:
+                    norm = backend.grad_norm_after_step(name)
+                    if norm is not None:
+                        logs[f"grad_norm_{name}"] = norm.detach()
+            update_ema(self.ema, backend.unwrap("sit"), config.ema_decay)
+        backend.end_micro_step()
 
     def _watch(self, name: str, value: torch.Tensor) -> None:
         """Remember on the device whether ``value`` is non-finite (no host read)."""
-        value = value.detach()
-        if name == self.inject_fault:
-            value = value * float("nan")
-        self._flags.append((name, torch.isfinite(value).all().logical_not()))
+        self._flags.append((name, torch.isfinite(value.detach()).all().logical_not()))
 
     def _resolve(self, norms: Dict[str, Optional[torch.Tensor]]) -> Tuple[List[str], Dict[str, bool]]:
         """The step's single host read: the non-finite losses, and per model whether its
@@ -107,54 +159,29 @@ class _UpdateMixin:
         losses = [name for name, value in bad.items() if value and not name.startswith("grad_norm_")]
         return losses, {name: bad[f"grad_norm_{name}"] for name, norm in norms.items() if norm is not None}
 
-    def _give_up(self, fault: Sequence[str], names: Sequence[str]) -> None:
+    def _give_up(self, fault: Sequence[str]) -> None:
         # Every model drops the gradients of its window, on every rank (the flags were
         # agreed), so no backend carries a partial window over.
         self.last_fault = ", ".join(fault)
         if self._buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self._buffers, self._saved_buffers)
-        for name in names:
+        for name in self.MODELS:
             self.backend.skip(name)
 
-    def _finish(self, logs, names: Sequence[str]) -> None:
-        """Clip and update every model (sync micro-steps) or only check the losses."""
-        backend, config = self.backend, self.config
-        norms = ({name: backend.clip_grad_norm(name, config.max_grad_norm) for name in names}
-                 if backend.sync_step else {})
-        bad_losses, bad_norms = self._resolve(norms)
-        if not bad_losses:  # the norms of a bad loss's gradients are not logged
-            logs.update({f"grad_norm_{name}": norm.detach() for name, norm in norms.items() if norm is not None})
-        if bad_losses:
-            self._give_up(bad_losses, names)
-        elif getattr(backend, "checks_grad_norm", True) and any(bad_norms.values()):
-            self._give_up([f"grad_norm_{name}" for name, bad in bad_norms.items() if bad], names)
-        elif backend.sync_step:
-            for name in names:
-                backend.step(name, overflow=bad_norms.get(name, False))
-                if norms[name] is None:
-                    norm = backend.grad_norm_after_step(name)
-                    if norm is not None:
-                        logs[f"grad_norm_{name}"] = norm.detach()
-            update_ema(self.ema, backend.unwrap("sit"), config.ema_decay)
-        backend.end_micro_step()
 
-
-class REPAEStep(_UpdateMixin):
+class REPAEStep(_TrainingStep):
     """Callable training step. Models are reached through ``backend.models`` (keys "sit",
     "vae", "disc" where "disc" is the whole VAE-loss module) so that wrapped models (DDP,
     DeepSpeed engines) work unchanged; ``ema`` is a plain SiT copy."""
 
-    def __init__(self, backend, ema: nn.Module, config: StepConfig = StepConfig(),
-                 encoders: Sequence[nn.Module] = ()):
-        self.backend = backend
-        self.ema = ema
-        self.config = config
-        self.encoders = list(encoders)
-        sit = backend.unwrap("sit")
+    MODELS = ("vae", "disc", "sit")
+
+    def __init__(self, backend, ema: nn.Module, config: StepConfig = StepConfig(), encoders: Sequence[nn.Module] = ()):
+        super().__init__(backend, ema, config, encoders)
         # REPA-E trains pos_embed from the first step (R7, Q1): it is in the SiT optimizer
         # and unfrozen by the official per-step requires_grad(model, True).
-        sit.pos_embed.requires_grad_(True)
+        backend.unwrap("sit").pos_embed.requires_grad_(True)
 
     def __call__(
         self,
@@ -165,126 +192,96 @@ class REPAEStep(_UpdateMixin):
         posterior_noise: Optional[torch.Tensor] = None,
         time_input: Optional[torch.Tensor] = None,
         noises: Optional[torch.Tensor] = None,
-        keep_intermediate: bool = False,
     ) -> Dict[str, torch.Tensor]:
         """``images`` uint8 [B,3,H,W], ``labels`` int64 [B]. ``zs`` (encoder targets) are
         computed from the images when not given. ``posterior_noise``, ``time_input`` and
         ``noises`` inject the random draws (otherwise drawn in the official order).
         Returns detached tensors: the 19 logged values of the official trainer (spec §2.7),
-        grad norms only on synchronising micro-steps; with ``keep_intermediate`` also the
-        intermediate tensors."""
-        backend, config = self.backend, self.config
-        sit, vae, loss_fn = backend.models["sit"], backend.models["vae"], backend.models["disc"]
-        sit_module = backend.unwrap("sit")
-        logs: Dict[str, torch.Tensor] = {}
-        intermediate: Dict[str, object] = {}
-        self._begin(("vae", "disc", "sit"))
-
+        grad norms only on synchronising micro-steps."""
         if images.dtype != torch.uint8:
             raise TypeError(f"images must be uint8 [B,3,H,W], got {images.dtype}")
+        self.begin()
         if zs is None:
-            with backend.autocast():
+            with self.backend.autocast():
                 zs = encoder_targets(self.encoders, images)
-        vae.train()
-        sit.train()
-        processed = preprocess_images_for_vae(images)
-        with backend.autocast():
-            posterior, z, recon = vae(processed, noise=posterior_noise)
-
+        logs: Dict[str, torch.Tensor] = {}
+        vae_out = self.vae_forward(images, posterior_noise)
         # (A) VAE: regularisation + REPA alignment through a frozen, eval-mode SiT.
-        sit.eval()
-        vae_loss, vae_loss_dict = loss_fn(processed, recon, posterior, global_step, "generator")
-        with backend.autocast():
-            align = frozen_call(sit_module, z, labels, zs, path_type=config.path_type, weighting=config.weighting,
-                                align_only=True, time_input=time_input, noises=noises,
-                                align_only_final_layer=config.align_pass_final_layer)
-        vae_total = vae_loss + config.vae_align_proj_coeff * align["proj_loss"].mean()
-        logs.update(vae_loss=vae_total.detach(), vae_align_loss=align["proj_loss"].detach(),
-                    **{k: v.detach() for k, v in vae_loss_dict.items() if k != "total_loss"})
-        self._watch("vae_loss", vae_total)
-        if keep_intermediate:
-            z.retain_grad()
-            posterior.parameters.retain_grad()
-            recon.retain_grad()
-        backend.backward("vae", vae_total)
-        if keep_intermediate:
-            intermediate.update(
-                vae_loss_grad_wrt_z=z.grad.clone(), vae_loss_grad_wrt_moments=posterior.parameters.grad.clone(),
-                vae_loss_grad_wrt_recon_image=recon.grad.clone(),
-                vae_grads_before_clip={n: p.grad.clone() for n, p in backend.unwrap("vae").named_parameters()
-                                       if p.grad is not None})
-
+        align = self.vae_backward(vae_out, labels, zs, global_step, logs, time_input, noises)["vae_align"]
         # (B) discriminator on the reconstruction from BEFORE the VAE update (Q3).
-        d_loss, d_loss_dict = loss_fn(processed, recon.detach(), posterior, global_step, "discriminator")
-        logs.update(d_loss=d_loss.detach(),
-                    **{k: v.detach() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
-        self._watch("d_loss", d_loss)
-        backend.backward("disc", d_loss)
-
+        self.discriminator_backward(vae_out, global_step, logs)
         # (C) SiT on the detached latent, train mode, same t and noise as (A) (R3).
-        sit.train()
-        with backend.autocast():
-            out = sit(z.detach(), labels, zs, path_type=config.path_type, weighting=config.weighting,
-                      time_input=align["time_input"], noises=align["noises"])
-        denoising = out["denoising_loss"].mean()
-        sit_loss = denoising + config.proj_coeff * out["proj_loss"].mean()
-        logs.update(sit_loss=sit_loss.detach(), denoising_loss=denoising.detach(), proj_loss=out["proj_loss"].detach())
-        self._watch("sit_loss", sit_loss)
-        backend.backward("sit", sit_loss)
-        if keep_intermediate:
-            intermediate["sit_grads_before_clip"] = {n: p.grad.clone() for n, p in sit_module.named_parameters()
-                                                     if p.grad is not None}
-
+        self.sit_backward(vae_out["z"], labels, zs, logs, align["time_input"], align["noises"])
         # Updates. No sub-step's forward depends on another's update (B uses the
         # reconstruction from before the VAE step, C the detached latent), so applying the
         # three updates here, after all backward passes, gives the official numbers and lets
         # a fault anywhere skip the update of EVERY model.
-        self._finish(logs, ("vae", "disc", "sit"))
-
-        if keep_intermediate:
-            intermediate.update(
-                processed_image=processed, moments=posterior.parameters.detach(), z=z.detach(),
-                recon_image=recon.detach(), time_input=align["time_input"], noises=align["noises"],
-                vae_loss_dict=vae_loss_dict, vae_generator_loss=vae_loss.detach(), vae_align=align,
-                vae_loss_total=vae_total.detach(), d_loss_dict=d_loss_dict, d_loss=d_loss.detach(), sit=out,
-                sit_loss=sit_loss.detach())
-            logs["intermediate"] = intermediate
+        self.update_models(logs)
         return logs
 
+    def vae_forward(self, images: torch.Tensor, posterior_noise: Optional[torch.Tensor] = None) -> Dict:
+        """The VAE in train mode on the uint8 images: the [-1, 1] images, the posterior, its
+        sample z (``posterior_noise`` or a fresh draw) and the reconstruction."""
+        vae = self.backend.models["vae"]
+        vae.train()
+        processed = preprocess_images_for_vae(images)
+        with self.backend.autocast():
+            posterior, z, recon = vae(processed, noise=posterior_noise)
+        return {"processed_image": processed, "posterior": posterior, "z": z, "recon_image": recon}
 
-class LDMStep(_UpdateMixin):
+    def vae_backward(self, vae_out: Dict, labels: torch.Tensor, zs: Sequence[torch.Tensor], global_step: int,
+                     logs: Dict, time_input: Optional[torch.Tensor] = None,
+                     noises: Optional[torch.Tensor] = None) -> Dict:
+        """(A) The VAE loss: regularisation (L1 + LPIPS + KL + GAN against a frozen
+        discriminator) + vae_align_proj_coeff * the REPA loss of an align-only pass of the
+        frozen, eval-mode SiT (stops after block encoder_depth; its gradient reaches the VAE
+        through z); backward into the VAE. The align pass draws t and the noise unless given."""
+        backend, config = self.backend, self.config
+        backend.models["sit"].eval()
+        generator_loss, loss_dict = backend.models["disc"](vae_out["processed_image"], vae_out["recon_image"],
+                                                           vae_out["posterior"], global_step, "generator")
+        with backend.autocast():
+            align = frozen_call(backend.unwrap("sit"), vae_out["z"], labels, zs, path_type=config.path_type,
+                                weighting=config.weighting, align_only=True, time_input=time_input, noises=noises,
+                                align_only_final_layer=config.align_pass_final_layer)
+        total = generator_loss + config.vae_align_proj_coeff * align["proj_loss"].mean()
+        logs.update(vae_loss=total.detach(), vae_align_loss=align["proj_loss"].detach(),
+                    **{k: v.detach() for k, v in loss_dict.items() if k != "total_loss"})
+        self._watch("vae_loss", total)
+        backend.backward("vae", total)
+        return {"vae_loss_total": total.detach(), "vae_generator_loss": generator_loss.detach(),
+                "vae_loss_dict": loss_dict, "vae_align": align}
+
+    def discriminator_backward(self, vae_out: Dict, global_step: int, logs: Dict) -> Dict:
+        """(B) The discriminator's hinge loss on the real images and the DETACHED
+        reconstruction; backward into the VAE-loss module."""
+        d_loss, d_loss_dict = self.backend.models["disc"](vae_out["processed_image"], vae_out["recon_image"].detach(),
+                                                          vae_out["posterior"], global_step, "discriminator")
+        logs.update(d_loss=d_loss.detach(), **{k: v.detach() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
+        self._watch("d_loss", d_loss)
+        self.backend.backward("disc", d_loss)
+        return {"d_loss": d_loss.detach(), "d_loss_dict": d_loss_dict}
+
+
+class LDMStep(_TrainingStep):
     """SiT training on cached latents with a frozen VAE (``train_ldm_only.py``, spec §9.1):
     z = mean + std * n from cached [2C,h,w] moments (mean and std), the latent BN kept in
     eval mode with the VAE's fixed statistics, pos_embed frozen, label dropout active."""
 
-    def __init__(self, backend, ema: nn.Module, config: StepConfig = StepConfig(), encoders: Sequence[nn.Module] = ()):
-        self.backend = backend
-        self.ema = ema
-        self.config = config
-        self.encoders = list(encoders)
+    train_latent_bn = False  # fixed latent statistics for the whole run
 
     def __call__(self, moments: torch.Tensor, labels: torch.Tensor, zs: Optional[Sequence[torch.Tensor]] = None,
                  images: Optional[torch.Tensor] = None, latent_noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        backend, config = self.backend, self.config
-        sit, sit_module = backend.models["sit"], backend.unwrap("sit")
-        self._begin(("sit",))
+        self.begin()
         if zs is None:
             if images is None:
                 raise ValueError("LDMStep needs either encoder targets zs or the uint8 images to compute them")
-            with backend.autocast():
+            with self.backend.autocast():
                 zs = encoder_targets(self.encoders, images)
         mean, std = moments.float().chunk(2, dim=1)
         if latent_noise is None:
             latent_noise = torch.randn_like(mean)
-        z = mean + std * latent_noise
-        sit.train()
-        sit_module.bn.eval()  # fixed latent statistics for the whole run
-        with backend.autocast():
-            out = sit(z, labels, zs, path_type=config.path_type, weighting=config.weighting)
-        denoising = out["denoising_loss"].mean()
-        sit_loss = denoising + config.proj_coeff * out["proj_loss"].mean()
-        logs = dict(sit_loss=sit_loss.detach(), denoising_loss=denoising.detach(), proj_loss=out["proj_loss"].detach())
-        self._watch("sit_loss", sit_loss)
-        backend.backward("sit", sit_loss)
-        self._finish(logs, ("sit",))
+        logs: Dict[str, torch.Tensor] = {}
+        self.sit_backward(mean + std * latent_noise, labels, zs, logs)
+        self.update_models(logs)
         return logs

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..models.discriminator import NLayerDiscriminator
+from ..models.fast_path import FastPath
 from ..models.lpips import LPIPS
 from ..models.vae import DiagonalGaussianDistribution
 
@@ -81,7 +82,11 @@ def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tenso
     return 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
 
 
-class VAERegularizationLoss(nn.Module):
+class VAERegularizationLoss(FastPath, nn.Module):
+    """``fused_ops`` (``fast_path.set_fast_path``): the fast LPIPS (one 2B VGG batch,
+    in-place ReLUs, one function per tap); the discriminator and the other terms have no
+    fast path."""
+
     def __init__(self, config: VAELossConfig = VAELossConfig()):
         super().__init__()
         self.config = config
@@ -92,12 +97,6 @@ class VAERegularizationLoss(nn.Module):
             self.register_buffer("ema_fake_logits_mean", torch.zeros(1))
         self.discriminator = NLayerDiscriminator(input_nc=3, ndf=64, n_layers=3)
         self.perceptual_loss = PerceptualLoss()
-
-    def set_fused_ops(self, enabled: bool) -> "VAERegularizationLoss":
-        """The fast LPIPS (``LPIPS.set_fast``: one 2B VGG batch, in-place ReLUs, one
-        function per tap); the discriminator and the other terms are unchanged."""
-        self.perceptual_loss.lpips.set_fast(enabled)
-        return self
 
     def discriminator_factor(self, global_step: int) -> float:
         return self.config.discriminator_factor if global_step >= self.config.discriminator_start else 0.0

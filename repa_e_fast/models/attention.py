@@ -6,6 +6,7 @@ Backends compute the same function (softmax(q k^T * scale) v, no mask, no dropou
 - ``flash_attn``: the flash-attn package (CUDA, fp16/bf16 only).
 - ``xformers``: xformers.ops.memory_efficient_attention.
 - ``math``: the explicit formula, the readable reference.
+A model's attention modules are switched together with ``fast_path.set_fast_path(model, attention=...)``.
 """
 
 import importlib.util

@@ -10,6 +10,9 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .fast_path import FastPath
 
 # VGG16 ``features`` layer list: conv widths, "M" = 2x2 max-pool.
 VGG16_FEATURES = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
@@ -30,8 +33,9 @@ def vgg16_feature_layers() -> List[nn.Module]:
     return layers
 
 
-class VGG16Slices(nn.Module):
-    """The VGG16 trunk split into five slices; children keep torchvision's ``features`` indices."""
+class VGG16Slices(FastPath, nn.Module):
+    """The VGG16 trunk split into five slices; children keep torchvision's ``features`` indices.
+    Fast path: in-place ReLUs (the convolution outputs they overwrite are not saved for backward)."""
 
     def __init__(self):
         super().__init__()
@@ -45,7 +49,8 @@ class VGG16Slices(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         taps = []
         for number in range(1, 6):
-            x = getattr(self, f"slice{number}")(x)
+            for layer in getattr(self, f"slice{number}"):
+                x = F.relu(x, inplace=True) if self.fused_ops and isinstance(layer, nn.ReLU) else layer(x)
             taps.append(x)
         return taps
 
@@ -112,7 +117,11 @@ class _TapDistance(torch.autograd.Function):
         return d0, d1, None, None
 
 
-class LPIPS(nn.Module):
+class LPIPS(FastPath, nn.Module):
+    """Fast path (``fused_ops``; same math in fp32): real and fake through the VGG as one 2B
+    batch, in-place ReLUs, and per tap one function for normalise, difference, lin weighting
+    and spatial mean (``_TapDistance``). Off: the official module's op sequence."""
+
     def __init__(self):
         super().__init__()
         self.scaling_layer = ScalingLayer()
@@ -121,17 +130,6 @@ class LPIPS(nn.Module):
             setattr(self, f"lin{number}", NetLinLayer(channels))
         self.requires_grad_(False)
         self.eval()
-        self.fast = False
-
-    def set_fast(self, enabled: bool) -> "LPIPS":
-        """Fast path (same math in fp32): real and fake through the VGG as one 2B batch,
-        in-place ReLUs, and per tap one function for normalise, difference, lin weighting
-        and spatial mean (``_TapDistance``). Off: the official module's op sequence."""
-        self.fast = enabled
-        for module in self.net.modules():
-            if isinstance(module, nn.ReLU):
-                module.inplace = enabled
-        return self
 
     def train(self, mode: bool = True) -> "LPIPS":
         # The official perceptual module forces eval mode on every call; keep dropout off always.
@@ -139,7 +137,7 @@ class LPIPS(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Distance per image, [N, 1, 1, 1]. Inputs are mapped with 2x - 1 first (R27)."""
-        if self.fast:
+        if self.fused_ops:
             return self._fast_forward(input, target)
         taps0 = self.net(self.scaling_layer(2 * input - 1))
         taps1 = self.net(self.scaling_layer(2 * target - 1))

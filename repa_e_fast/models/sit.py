@@ -13,9 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..losses.interpolants import check_path_type, interpolate, sample_time
-from ..losses.repa import denoising_loss, repa_projection_loss
+from ..losses.repa import denoising_loss
 from .attention import Attention
+from .fast_path import FastPath, set_fast_path
 
 # name -> (depth, hidden size, heads); every patch size 1/2/4/8 is available.
 SIT_CONFIGS = {
@@ -123,48 +125,41 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class SiTBlock(nn.Module):
+class SiTBlock(FastPath, nn.Module):
     """adaLN-Zero block: x += gate * f(LN(x) * (1 + scale) + shift) for attention and MLP."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, attn_backend: str):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm, backend=attn_backend)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-        self.fused_ops = False
-
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         if self.fused_ops:
-            from ..ops import adaln_modulate, gated_residual, gated_residual_adaln_modulate
-
             # Triton: LN+modulate in one pass; the attention residual and the MLP's
             # LN+modulate share one read of the residual stream.
-            attn_out = self.attn(adaln_modulate(x, shift_msa, scale_msa, eps=self.norm1.eps))
-            x, h = gated_residual_adaln_modulate(x, gate_msa, attn_out, shift_mlp, scale_mlp, eps=self.norm2.eps)
-            return gated_residual(x, gate_mlp, self.mlp(h))
+            attn_out = self.attn(ops.adaln_modulate(x, shift_msa, scale_msa, eps=self.norm1.eps))
+            x, h = ops.gated_residual_adaln_modulate(x, gate_msa, attn_out, shift_mlp, scale_mlp, eps=self.norm2.eps)
+            return ops.gated_residual(x, gate_mlp, self.mlp(h))
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
-class FinalLayer(nn.Module):
+class FinalLayer(FastPath, nn.Module):
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-        self.fused_ops = False
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # shift first (R18)
         if self.fused_ops:
-            from ..ops import adaln_modulate
-
-            return self.linear(adaln_modulate(x, shift, scale, eps=self.norm_final.eps))
+            return self.linear(ops.adaln_modulate(x, shift, scale, eps=self.norm_final.eps))
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -178,13 +173,14 @@ def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequ
     )
 
 
-class SiT(nn.Module):
+class SiT(FastPath, nn.Module):
     """SiT with REPA projectors and the affine-free latent BatchNorm of REPA-E.
 
     Constructor arguments mirror the official ``models.sit.SiT``. ``fused_attn=False`` (the
     official ``--no-fused-attn``) computes attention with the explicit softmax formula
     (``attn_backend="math"``) instead of a fused kernel; it cannot be combined with a fused
-    package backend (flash_attn, xformers).
+    package backend (flash_attn, xformers). ``fused_ops`` and ``attn_backend`` are the
+    fast-path switches (``fast_path.set_fast_path``), which can be changed later.
     ``decoder_hidden_size`` must equal ``hidden_size`` (the official default of 768 is what
     breaks the official S configs); leaving it None uses ``hidden_size``.
     """
@@ -209,7 +205,6 @@ class SiT(nn.Module):
         fused_attn: bool = True,
         attn_backend: str = "sdpa",
         fused_ops: bool = False,
-        **unused_official_kwargs,
     ):
         super().__init__()
         if decoder_hidden_size is not None and decoder_hidden_size != hidden_size:
@@ -243,22 +238,14 @@ class SiT(nn.Module):
         # Created frozen (as the official model); REPA-E training unfreezes it (R7).
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, attn_backend) for _ in range(depth)]
+            [SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)]
         )
         self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in self.z_dims])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.bn = nn.BatchNorm2d(in_channels, eps=1e-4, momentum=bn_momentum, affine=False, track_running_stats=True)
         self.initialize_weights()
-        self.set_fused_ops(fused_ops)
-
-    def set_fused_ops(self, enabled: bool) -> "SiT":
-        """Use the fused Triton ops (adaLN modulation, gated residual, REPA cosine loss) from
-        ``repa_e_fast.ops``; state-dict keys are unchanged. Off = the reference PyTorch path."""
-        self.fused_ops = enabled
-        for module in self.modules():
-            if isinstance(module, (SiTBlock, FinalLayer)):
-                module.fused_ops = enabled
-        return self
+        # Fast path: the fused adaLN modulation, gated residual and REPA cosine loss.
+        set_fast_path(self, fused_ops=fused_ops, attention=attn_backend)
 
     # ----------------------------------------------------------------------------------
     # Initialisation and latent statistics
@@ -381,11 +368,9 @@ class SiT(nn.Module):
         }
 
     def projection_loss(self, zs: Sequence[torch.Tensor], zs_tilde: Sequence[torch.Tensor]) -> torch.Tensor:
-        if self.fused_ops:
-            from ..ops import repa_cosine_loss
-
-            return repa_cosine_loss(list(zs), list(zs_tilde))
-        return repa_projection_loss(zs, zs_tilde)
+        """The REPA loss (``repa_e_fast.ops.repa_cosine_loss``; its reference off the fast path)."""
+        repa_loss = ops.repa_cosine_loss if self.fused_ops else ops.repa_cosine_loss_reference
+        return repa_loss(list(zs), list(zs_tilde))
 
     def inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Velocity for NORMALISED latents ``x`` at times ``t`` [N]; no BN, no loss (R20).

@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
+from .fast_path import FastPath, set_fast_path
+
 VAE_LAYOUTS = {
     "f8d4": {"embed_dim": 4, "ch_mult": (1, 2, 4, 4)},
     "f16d32": {"embed_dim": 32, "ch_mult": (1, 1, 2, 2, 4)},
@@ -26,18 +29,15 @@ def Normalize(channels: int) -> nn.GroupNorm:
 def norm_swish(norm: nn.GroupNorm, x: torch.Tensor, fused: bool) -> torch.Tensor:
     """GroupNorm then swish; the one place where the fused kernel is switched in."""
     if fused:
-        from ..ops import group_norm
-
-        return group_norm(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, activation="silu")
+        return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, activation="silu")
     return F.silu(norm(x))
 
 
-class ResnetBlock(nn.Module):
+class ResnetBlock(FastPath, nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.fused_ops = False
         self.norm1 = Normalize(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.norm2 = Normalize(out_channels)
@@ -54,12 +54,11 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(FastPath, nn.Module):
     """Single-head self-attention over all H*W positions, 1x1-conv projections (R22)."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.fused_ops = False
         self.norm = Normalize(channels)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
@@ -68,9 +67,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_ops:
-            from ..ops import group_norm
-
-            h = group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias, eps=self.norm.eps)
+            h = ops.group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias, eps=self.norm.eps)
         else:
             h = self.norm(x)
         batch, channels, height, width = x.shape
@@ -142,7 +139,7 @@ class Level(nn.Module):
     """One resolution level; holds ``block``, ``attn`` and ``downsample``/``upsample`` keys."""
 
 
-class Encoder(nn.Module):
+class Encoder(FastPath, nn.Module):
     def __init__(
         self,
         ch: int = 128,
@@ -183,7 +180,6 @@ class Encoder(nn.Module):
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
-        self.fused_ops = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -198,7 +194,7 @@ class Encoder(nn.Module):
         return self.conv_out(norm_swish(self.norm_out, h, self.fused_ops))
 
 
-class Decoder(nn.Module):
+class Decoder(FastPath, nn.Module):
     def __init__(
         self,
         ch: int = 128,
@@ -238,7 +234,6 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(stages)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
-        self.fused_ops = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
@@ -284,7 +279,10 @@ class DecoderOutput:
     sample: torch.Tensor
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(FastPath, nn.Module):
+    """``fused_ops``: the fast path (``fast_path.set_fast_path``), the fused Triton
+    GroupNorm(+SiLU) op of ``repa_e_fast.ops``; state-dict keys unchanged."""
+
     def __init__(
         self,
         embed_dim: int = 4,
@@ -310,15 +308,7 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(out_ch=out_ch, **common)
         self.quant_conv = nn.Conv2d(2 * embed_dim, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, embed_dim, 1)
-        self.set_fused_ops(fused_ops)
-
-    def set_fused_ops(self, enabled: bool) -> "AutoencoderKL":
-        """Use the fused Triton GroupNorm(+SiLU) op (``repa_e_fast.ops.group_norm``); keys unchanged."""
-        self.fused_ops = enabled
-        for module in self.modules():
-            if hasattr(module, "fused_ops") and module is not self:
-                module.fused_ops = enabled
-        return self
+        set_fast_path(self, fused_ops=fused_ops)
 
     def set_subpixel_upsample(self, enabled: bool) -> "AutoencoderKL":
         """The decoder's upsample + 3x3 conv as one sub-pixel conv (``subpixel_upsample_conv``);

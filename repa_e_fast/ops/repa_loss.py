@@ -45,14 +45,21 @@ def _as_list(v, name):
 
 
 def repa_cosine_loss_reference(zs, zs_tilde):
-    """PyTorch definition (accepts what :func:`repa_cosine_loss` accepts).
+    """The REPA loss in PyTorch: the definition the fused op is tested against and the
+    models' path when their fast path is off (accepts what :func:`repa_cosine_loss` accepts).
 
     ``-(1/(E*B)) * sum_e sum_n mean_t <normalize(zs[e][n,t]), normalize(zs_tilde[e][n,t])>``,
-    with F.normalize (eps 1e-12), computed in fp32 for fp16/bf16 inputs.
+    with F.normalize (eps 1e-12), computed in fp32 for fp16/bf16 inputs (fp16 normalisation
+    overflows) and in fp64 for fp64 inputs. Raises ValueError for lists of different lengths
+    or none, and for a pair whose shapes differ.
     """
     zs, zs_tilde = _as_list(zs, "zs"), _as_list(zs_tilde, "zs_tilde")
+    if len(zs) == 0 or len(zs) != len(zs_tilde):
+        raise ValueError(f"{OP}: need one zs_tilde per zs and at least one pair, got {len(zs)} and {len(zs_tilde)}")
     total = 0.0
-    for z, zt in zip(zs, zs_tilde):
+    for i, (z, zt) in enumerate(zip(zs, zs_tilde)):
+        if z.shape != zt.shape:
+            raise ValueError(f"{OP}: zs[{i}] {tuple(z.shape)} and zs_tilde[{i}] {tuple(zt.shape)} differ in shape")
         if z.dtype != torch.float64:
             z = z.float()
         if zt.dtype != torch.float64:
