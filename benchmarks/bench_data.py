@@ -75,7 +75,7 @@ def make_photo_folder(root: str, n: int, classes: int = 4) -> None:
 
 
 def make_official_h5(folder: str, out_dir: str, res: int) -> str:
-    """The official preprocessing's images.h5 layout (spec §9.4) of ``folder``."""
+    """The official preprocessing's images.h5 layout (docs/data.md#sources) of ``folder``."""
     import h5py
 
     source = FolderSource(folder)

@@ -11,8 +11,9 @@
 #
 # Every part runs under `timeout`, writes its log and results into DIR as soon as it ends
 # (DIR/parts.tsv: part, status, seconds, note), and the summary table comes last. The
-# official bench is taken from .official_bench/ in the checkout (README: "GPU run"); it
-# needs timm and torchvision, and is skipped with the reason when they do not import.
+# official bench is taken from .official_bench/ in the checkout
+# (docs/benchmarks.md#gpu-run-benchmarksgpu_runsh); it needs timm and torchvision, and is
+# skipped with the reason when they do not import.
 # OFFICIAL_PYTHON picks the interpreter for it (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."

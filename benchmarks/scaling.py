@@ -157,7 +157,8 @@ def payload_per_step(strategy: str, trainable: Dict[str, int], world: int) -> Di
         # the gradient buckets hold the gradients only; the gathered weight groups are padded
         return {"gradients": size, "parameters": BYTES_FP32 * sum(zero_padded(trainable[k], world) for k in models)}
     if strategy == "zero3":
-        raise ValueError("zero3 is not run by the engine (see README: ZeRO-3 / FSDP2 decision)")
+        raise ValueError("zero3 is not run by the engine (see "
+                         "docs/distributed.md#zero-3--fsdp2-not-needed-on-80-gb-decided-with-numbers)")
     raise ValueError(f"unknown strategy {strategy!r}; one of {STRATEGIES}")
 
 

@@ -1,4 +1,5 @@
-"""Cache VAE posterior moments for LDM-only training (official ``cache_latents.py``, spec §9.2).
+"""Cache VAE posterior moments for LDM-only training (official ``cache_latents.py``;
+docs/workflows.md#repa_e_fastcache_latents-and-ldm-only-training).
 
     python -m repa_e_fast.cache_latents --data-dir data --vae f16d32 \\
         --vae-ckpt pretrained/e2e-vavae/e2e-vavae-400k.pt --output data/e2e-vavae-400k

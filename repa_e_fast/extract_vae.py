@@ -1,5 +1,5 @@
-"""Extract the end-to-end tuned VAE (E2E-VAE) from a REPA-E training checkpoint (spec §9.3,
-the official ``save_vae_weights.py``).
+"""Extract the end-to-end tuned VAE (E2E-VAE) from a REPA-E training checkpoint (the official
+``save_vae_weights.py``; docs/workflows.md#repa_e_fastextract_vae).
 
     python -m repa_e_fast.extract_vae --ckpt exps/run/checkpoints/0400000.pt --save-dir pretrained --name e2e-sdvae
     python -m repa_e_fast.extract_vae --exp-path exps/run --train-steps 400000 --name e2e-sdvae
@@ -8,7 +8,7 @@ Writes, under ``<save-dir>/<name>/``:
 - ``<name>.pt``: the VAE state dict (``ckpt["vae"]``, LDM key names);
 - ``<name>-latents-stats.pt``: ``latents_scale = rsqrt(ema bn.running_var)`` and
   ``latents_bias = ema bn.running_mean``, both [1, C, 1, 1]: the EMA model's BatchNorm
-  buffers (Q11), not the live model's and not a dataset pass;
+  buffers (docs/numerics.md#e2e-vae-latent-statistics), not the live model's and not a dataset pass;
 - ``<name>-discriminator-ckpt.pt``: ``ckpt["discriminator"]``.
 
 The VAE is loaded strictly into ``build_vae`` before anything is written, and every file

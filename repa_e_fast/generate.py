@@ -1,4 +1,5 @@
-"""Generate samples for FID from a trained SiT: the official ``generate.py`` (spec §8.4).
+"""Generate samples for FID from a trained SiT: the official ``generate.py``
+(docs/workflows.md#repa_e_fastgenerate).
 
     python -m repa_e_fast.generate --exp-path EXP_DIR --train-steps 400000 --mode sde --num-steps 250
     python -m repa_e_fast.generate --ckpt CHECKPOINT.pt [--args-json args.json] ...
@@ -11,7 +12,7 @@ flags that made it). If that ``.npz`` already exists and was made from the same 
 flags, nothing is loaded or sampled; made from another one, it is an error (exit 2), never a
 silent reuse. ``--ckpt <exp>/checkpoints/<step>/official.pt`` names the folder ``<exp>_<step>``.
 
-Semantics kept from the official script (same seeds, draws and indices as spec §8.4):
+Semantics kept from the official script (same seeds, draws and indices):
 - the SiT is built from the run's arguments (``args.json`` or the checkpoint's ``args``); the
   encoder types only give the projector widths (no encoder weights are read); the
   checkpoint's ``ema`` is loaded strictly and put in eval mode;
@@ -67,7 +68,8 @@ from .models.vae import VAE_LAYOUTS, AutoencoderKL
 from .sampling import denormalize_latents, euler_maruyama_sampler, euler_sampler
 
 # Official training defaults for entries a run's arguments may lack (bn_momentum is None when
-# absent, as the official generate.py passes for LDM-only runs: harmless in eval mode, Q30).
+# absent, as the official generate.py passes for LDM-only runs: harmless in eval mode,
+# docs/numerics.md#ldm-only-generation-and-bn_momentum).
 TRAINING_DEFAULTS = {
     "resolution": 256,
     "num_classes": 1000,
@@ -166,10 +168,12 @@ def latents_stats_path(vae_ckpt: str) -> str:
 def load_vae_and_latent_stats(
     checkpoint: Dict, checkpoint_path: str, run_args: Dict, model: SiT, vae_ckpt: Optional[str]
 ) -> Tuple[AutoencoderKL, torch.Tensor, torch.Tensor]:
-    """(vae, latents_scale, latents_bias) per spec §8.4; ``model`` holds the loaded EMA weights."""
+    """(vae, latents_scale, latents_bias) of the run (docs/workflows.md#repa_e_fastgenerate);
+    ``model`` holds the loaded EMA weights."""
     layout = run_args["vae"]
     if "vae" in checkpoint:
-        # REPA-E run: the jointly trained VAE and the EMA model's BN statistics (Q11).
+        # REPA-E run: the jointly trained VAE and the EMA model's BN statistics
+        # (docs/numerics.md#e2e-vae-latent-statistics).
         if vae_ckpt:
             print(f"note: {checkpoint_path} has its own 'vae'; --vae-ckpt {vae_ckpt} is not used", file=sys.stderr)
         vae = load_vae(layout, checkpoint_entry(checkpoint, "vae", checkpoint_path, "VAE"), f"{checkpoint_path}['vae']")
@@ -238,7 +242,7 @@ def load_run(ckpt: Optional[str], exp_path: Optional[str], train_steps, args_jso
     ema = checkpoint_entry(checkpoint, "ema", checkpoint_path, "generation samples from the EMA SiT")
     model = build_sit_for_run(run_args)
     load_state_dict_strict(model, ema, f"{run_args['model']} (ema of {checkpoint_path})")
-    model.eval()  # no label dropout, BN statistics frozen (Q20)
+    model.eval()  # no label dropout, BN statistics frozen (docs/numerics.md#label-dropout-and-the-null-label)
     vae, scale, bias = load_vae_and_latent_stats(checkpoint, checkpoint_path, run_args, model, vae_ckpt)
     return LoadedRun(model, vae, scale.float(), bias.float(), run_name_from_paths(ckpt, exp_path, train_steps))
 
@@ -247,7 +251,7 @@ def load_run(ckpt: Optional[str], exp_path: Optional[str], train_steps, args_jso
 # Sampling plan (pure functions: the tests check them against the files written)
 # ----------------------------------------------------------------------------------------
 def rank_seed(global_seed: int, rank: int, world_size: int) -> int:
-    return ((global_seed + rank) * world_size) // 2  # official (Q24)
+    return ((global_seed + rank) * world_size) // 2  # official (docs/numerics.md#generation-seeds)
 
 
 def num_iterations(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -280,7 +284,8 @@ def sample_folder(sample_dir: str, run_name: str, cfg_scale: float, low: float, 
 # Generation
 # ----------------------------------------------------------------------------------------
 def decode_to_uint8(vae, latents: torch.Tensor, latents_scale, latents_bias) -> np.ndarray:
-    """Normalised latents -> uint8 [n, H, W, 3] with the official truncating cast (Q23)."""
+    """Normalised latents -> uint8 [n, H, W, 3] with the official truncating cast
+    (docs/numerics.md#saved-samples-are-truncated)."""
     images = vae.decode(denormalize_latents(latents.float(), latents_scale, latents_bias)).sample
     images = (images + 1) / 2.0
     return torch.clamp(255.0 * images, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()

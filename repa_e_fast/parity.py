@@ -10,11 +10,11 @@ computation with our implementation and print one line per compared quantity: ma
 error, tolerance, PASS/FAIL. Exit status: 0 if everything passed, 1 if anything failed,
 2 if a file could not be checked at all (unreadable, unknown kind).
 
-Tolerances (fp32, CPU) follow the reference README §9: forward values ``1e-5 + 1e-4 *
+Tolerances (fp32, CPU, docs/parity.md#tolerances): forward values ``1e-5 + 1e-4 *
 max|ref|`` (VAE decoder ``5e-5 + 1e-4 * max|ref|``), gradients ``2e-5 * max|ref| + 1e-5 * (largest |gradient| of the
 model)`` per tensor: the second term covers entries that are exactly zero in exact
 arithmetic and rounding noise in fp32 (attention k biases, convs feeding GroupNorm(32)
-with 32 channels; README §9).
+with 32 channels).
 """
 
 import argparse
@@ -144,7 +144,7 @@ def check_sit_forward(data: dict, out: Comparator) -> None:
         model.train(flags["mode"] == "train")
         model.y_embedder.dropout_prob = record.get("label_dropout_prob_used", 0.0)
         align_only = flags.get("align_only", False)
-        model.requires_grad_(not align_only)  # pos_embed included (R7)
+        model.requires_grad_(not align_only)  # pos_embed included (docs/numerics.md#pos_embed-is-trained)
         x = inputs["x"].clone().requires_grad_(True)
         result = model(
             x, inputs["y"], inputs["zs"], path_type=flags["path_type"], weighting=flags.get("weighting", "uniform"),
@@ -511,8 +511,9 @@ def check_e2e_step(data: dict, out: Comparator) -> None:
         if key in ref:
             out.add(f"intermediate/{key}", logs[key], ref[key])
 
-    # After the step: parameters moved by ~lr * sign(g) (R9), so updates of entries whose
-    # gradient is rounding noise may differ by up to ~2 lr; gradients were compared above.
+    # After the step: parameters moved by ~lr * sign(g) (docs/numerics.md#the-first-adamw-step),
+    # so updates of entries whose gradient is rounding noise may differ by up to ~2 lr;
+    # gradients were compared above.
     after = outputs.get("state_dicts_after", {})
     state_atol = 2.5 * lr
     for name, module in (("sit", sit), ("ema", ema), ("vae", vae), ("discriminator", loss_fn.discriminator)):

@@ -1,4 +1,4 @@
-"""Parity of the fixture kind ``encoder`` (reference README §11: MoCo v3, MAE, I-JEPA, CLIP).
+"""Parity of the fixture kind ``encoder`` (MoCo v3, MAE, I-JEPA, CLIP; docs/parity.md#fixture-kinds).
 
 The tiny official encoder is rebuilt from ``config`` with our ``VisionTransformer``, its
 ``raw_checkpoint`` (the file the official loader read) goes through our file reader and
@@ -8,9 +8,9 @@ layout conversion, and we compare:
   resampling with the forward tolerance);
 - ``preprocessed`` from the raw uint8 images;
 - ``forward_features`` and ``zs[0]`` (the REPA target) on the stored ``preprocessed`` (the
-  reference's own input: README §9 suggests ``atol=2e-5``);
+  reference's own input: the fixture's authors suggest ``atol=2e-5``);
 - the whole chain raw uint8 -> target through ``RepresentationEncoder`` (``atol=2e-4``:
-  the bicubic resize of I-JEPA and CLIP inputs is fp32-sensitive, README §9).
+  the bicubic resize of I-JEPA and CLIP inputs is fp32-sensitive, as the authors measured).
 """
 
 import math
@@ -47,7 +47,7 @@ def build_fixture_encoder(config: dict):
 
 
 def official_forward_features(family: str, model, preprocessed: torch.Tensor) -> torch.Tensor:
-    """What the official ``encoder.forward_features`` returns (R41-R44)."""
+    """What the official ``encoder.forward_features`` returns (docs/numerics.md#encoder-targets)."""
     tokens = model.forward_tokens(preprocessed)
     if family in ("mocov3", "jepa"):
         return model.norm(tokens)  # MoCo v3 keeps cls here; train_repae.py drops it afterwards

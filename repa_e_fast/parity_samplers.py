@@ -1,4 +1,4 @@
-"""Parity check for fixtures of kind ``samplers`` (reference README §7).
+"""Parity check for fixtures of kind ``samplers`` (docs/sampling.md#parity).
 
 For every recorded run we seed torch as the fixture did, call our sampler with the run's
 kwargs and compare: the float64 output, every ``torch.randn_like`` draw made during the
@@ -6,9 +6,9 @@ call (bit-exact: same generator, dtype and shape) and every ``model.inference`` 
 inputs and output (the labels exactly, the times to within one float32 ulp). A different
 number of draws or calls fails.
 
-Tolerances: the Comparator defaults (``1e-5 + 1e-4 * max|ref|``); the reference README §9
-measures the natural fp32 noise of the sampler outputs at 6.3e-7 (cfg 1) / 3.1e-6 (cfg 4)
-on values of scale 5.7 / 10.
+Tolerances: the Comparator defaults (``1e-5 + 1e-4 * max|ref|``, docs/parity.md#tolerances);
+the fixture's authors measured the natural fp32 noise of the sampler outputs at 6.3e-7
+(cfg 1) / 3.1e-6 (cfg 4) on values of scale 5.7 / 10.
 
 The per-call comparisons are condensed into one line per run and quantity (its worst call)
 unless the Comparator is verbose.

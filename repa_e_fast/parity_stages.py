@@ -22,8 +22,9 @@ import torch
 
 from .parity import DECODER_ATOL, FORWARD_ATOL, FORWARD_RTOL, Comparator
 
-# Teacher-forced stages: forward values as README §9; gradients relative to each tensor's
-# max plus a small share of the largest (entries that are rounding noise, R9).
+# Teacher-forced stages: forward values as docs/parity.md#tolerances; gradients relative to each
+# tensor's max plus a small share of the largest (entries that are rounding noise,
+# docs/numerics.md#the-first-adamw-step).
 STAGE_GRAD_RTOL, STAGE_GRAD_GLOBAL_RTOL = 1e-5, 1e-6
 SENSITIVITY_FACTOR = 2.0
 SENSITIVITY_SEED = 1234

@@ -1,10 +1,10 @@
-"""Parity of the fixture kind ``e2e_trajectory`` (reference README §12, R47-R49): 30
+"""Parity of the fixture kind ``e2e_trajectory`` (docs/parity.md#the-30-step-trajectory): 30
 consecutive official REPA-E steps on tiny modules, every random draw injected.
 
 We build the modules and the three AdamW optimizers as ``e2e_step`` does (with the fixture's
 ndf=8 discriminator and the LPIPS VGG16 trunk taken from the sibling ``e2e_step.pt``,
-checked against the stored SHA-256), replay the 30 steps and compare, following §12's
-suggested comparison (k = 0-based step, S = largest |stored value| of that quantity over
+checked against the stored SHA-256), replay the 30 steps and compare as the fixture's
+authors suggest (k = 0-based step, S = largest |stored value| of that quantity over
 the whole trajectory):
 
 1. exact: ``discriminator_factor`` and ``d_weight``; ``gan_loss`` = ``weighted_gan_loss`` = 0
@@ -15,10 +15,10 @@ the whole trajectory):
    1-ulp change drifts like this: the measured floor times 2-3);
 4. the tight late-step check: restart from ``snapshots[15]`` and run steps 16-29 with
    |d| <= 1e-3 S for every logged value;
-5. states: snapshot 0 as in §6 (parameters within 2.5 lr), later snapshots within twice the
-   largest drift §12 measured (SiT 15 lr, VAE 10 lr, discriminator 152 lr, EMA 0.04 lr),
-   Adam moments within five times it (see MOMENT_RTOL), BN statistics with rule 3, the
-   step counters exactly.
+5. states: snapshot 0 as in ``e2e_step`` (parameters within 2.5 lr, docs/parity.md#tolerances),
+   later snapshots within twice the largest drift the fixture's authors measured (SiT 15 lr,
+   VAE 10 lr, discriminator 152 lr, EMA 0.04 lr), Adam moments within five times it (see
+   MOMENT_RTOL), BN statistics with rule 3, the step counters exactly.
 
 The LeCam rules follow the fixture's ``lecam_regularization_weight`` (the hidden variant
 turns it on: then ``d_loss`` and ``lecam_loss`` are compared with rule 3 from step 0).
@@ -37,8 +37,8 @@ from .parity import FORWARD_ATOL, FORWARD_RTOL, Comparator, Result, step_by_phas
 SIT_LOGS = ("sit_loss", "denoising_loss", "grad_norm_sit")
 RESTART_STEP = 15
 RESTART_RTOL = 1e-3
-# Largest drift at the final snapshot over 1-ulp replays (README §12, table of item 5):
-# parameters in units of lr, twice the measured drift, as §12 suggests.
+# Largest drift at the final snapshot over 1-ulp replays, as the fixture's authors measured it:
+# parameters in units of lr, twice the measured drift, as they suggest.
 STATE_LR_UNITS = {"sit": 15.0, "vae": 10.0, "discriminator": 152.0, "ema": 0.04}
 # Adam moments relative to each tensor's max: five times the measured drift (4e-4 SiT,
 # 6e-2 VAE and discriminator). Twice is too tight for a replay that rounds differently at
@@ -63,7 +63,7 @@ def drift_tolerance(step: int) -> float:
 # Building
 # ----------------------------------------------------------------------------------------
 def trunk_sha256(state: Dict[str, torch.Tensor]) -> str:
-    """§12's recipe: keys sorted; each key's UTF-8 bytes, then its float32 little-endian bytes."""
+    """The fixture's recipe: keys sorted; each key's UTF-8 bytes, then its float32 little-endian bytes."""
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode("utf-8"))
@@ -160,7 +160,7 @@ def _scale(values) -> float:
 
 def compare_logs(out: Comparator, name: str, ours: List[Dict[str, float]], reference: List[Dict[str, float]],
                  first: int, keys: List[str], tolerance_of, discriminator_start: int, lecam_off: bool) -> None:
-    """One row per step and key; the exact rules of §12 item 1 override ``tolerance_of``."""
+    """One row per step and key; the exact rules of item 1 (module docstring) override ``tolerance_of``."""
     for key in keys:
         scale = _scale(entry[key] for entry in reference)
         rows = []
@@ -235,7 +235,8 @@ def compare_snapshot(out: Comparator, name: str, ours: dict, snapshot: dict, par
     """Parameters within some lr (module docstring), buffers (BN statistics) with the drift
     rule of the per-step records, counters exactly, Adam moments relative to each tensor's
     max plus 1e-5 of the largest value over the optimizer (the moments of entries whose
-    gradient is rounding noise, R9, are themselves noise: that absolute term covers them)."""
+    gradient is rounding noise, docs/numerics.md#the-first-adamw-step, are themselves noise:
+    that absolute term covers them)."""
     lr_of = {"sit": lrs["sit"], "ema": lrs["sit"], "vae": lrs["vae"], "discriminator": lrs["disc"]}
     largest: Dict[str, float] = {}
     for theirs, state_dict in snapshot["optimizers"].items():

@@ -1,19 +1,19 @@
-"""Samplers with the official REPA-E numerics (spec §8, reference R32-R34).
+"""Samplers with the official REPA-E numerics (docs/sampling.md).
 
 Both samplers integrate from noise (t = 1) to data (t = 0) on NORMALISED latents with
 ``model.inference(x, t, y)`` as the velocity network. The state is kept in float64; every
 network call sees ``x`` and ``t`` in the dtype of ``latents`` and its output is cast back
 to float64, as in the official ``samplers.py``.
 
-Classifier-free guidance (spec §8.1): when ``cfg_scale > 1`` and
+Classifier-free guidance (docs/sampling.md#classifier-free-guidance): when ``cfg_scale > 1`` and
 ``guidance_low <= t_cur <= guidance_high`` (inclusive) the network is evaluated on
 ``[x; x]`` with labels ``[y; null]`` (conditional half first) and the halves are combined
 as ``uncond + cfg_scale * (cond - uncond)``.
 
-Deviation from the official code (R32): the official samplers hard-code the null label
-1000. Here ``null_label=None`` means ``model.num_classes``, which is 1000 for the
-published ImageNet models (numerically identical there) and the correct CFG row of the
-label table for any other class count.
+Deviation from the official code (docs/numerics.md#label-dropout-and-the-null-label): the
+official samplers hard-code the null label 1000. Here ``null_label=None`` means
+``model.num_classes``, which is 1000 for the published ImageNet models (numerically
+identical there) and the correct CFG row of the label table for any other class count.
 
 Use ``denormalize_latents`` on the result before decoding with the VAE.
 """
@@ -30,7 +30,7 @@ SDE_LAST_TIME = 0.04  # the SDE grid stops at 0.04, then takes one deterministic
 
 
 def denormalize_latents(x: torch.Tensor, latents_scale, latents_bias) -> torch.Tensor:
-    """Normalised latents -> VAE latents: ``x / scale + bias`` (spec §3.2, no eps).
+    """Normalised latents -> VAE latents: ``x / scale + bias`` (no eps, docs/numerics.md#latent-batchnorm).
 
     ``latents_scale`` / ``latents_bias`` broadcast against ``x``, e.g. shape ``[1, C, 1, 1]``
     (a REPA-E checkpoint gives ``scale = rsqrt(ema["bn.running_var"])``,
@@ -117,7 +117,7 @@ def _guidance_on(cfg_scale: float, t: float, low: float, high: float) -> bool:
 
 
 # ----------------------------------------------------------------------------------------
-# Euler / Heun ODE sampler (spec §8.2, R33)
+# Euler / Heun ODE sampler (docs/sampling.md#euler-ode-sampler)
 # ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def euler_sampler(
@@ -161,7 +161,7 @@ def euler_sampler(
 
 
 # ----------------------------------------------------------------------------------------
-# Euler-Maruyama SDE sampler (spec §8.3, R34)
+# Euler-Maruyama SDE sampler (docs/sampling.md#euler-maruyama-sde-sampler)
 # ----------------------------------------------------------------------------------------
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float, path_type: str) -> torch.Tensor:
     """Score of x_t from the predicted velocity (both paths): ``(r v - x) / (sigma^2 - r sigma' sigma)``
@@ -184,7 +184,7 @@ def euler_maruyama_sampler(
     path_type: str = "linear",
     null_label: Optional[int] = None,
 ) -> torch.Tensor:
-    """Euler-Maruyama on the reverse SDE with diffusion ``g^2(t) = 2t`` (spec §8.3).
+    """Euler-Maruyama on the reverse SDE with diffusion ``g^2(t) = 2t``.
 
     Grid ``linspace(1, 0.04, num_steps)`` then 0. Each of the first ``num_steps - 1``
     intervals draws ``torch.randn_like(x)`` (float64, un-doubled shape) BEFORE the network

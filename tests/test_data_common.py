@@ -62,7 +62,7 @@ def reference_crop(path: str, res: int = RES) -> np.ndarray:
 
 
 def make_official_h5(folder: str, out_dir, res: int = RES) -> str:
-    """The official preprocessing's layout (spec §9.4) of ``folder``, at ``res``.
+    """The official preprocessing's layout (docs/data.md#sources) of ``folder``, at ``res``.
 
     ``images.h5``: one scalar byte-string dataset per image, key
     ``<5 digits>/img<8 digits>.png`` (PNG, compression level 0), plus ``dataset.json``;

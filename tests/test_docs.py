@@ -1,6 +1,7 @@
 """The documentation stays navigable: README.md is short, every relative link in README.md and
 docs/*.md resolves (the file and, for ``#anchor`` links, a heading with that GitHub anchor),
-and every docs page anchor the code cites exists."""
+every docs page anchor the code cites exists, and the code cites no document outside the
+repository."""
 
 import re
 from pathlib import Path
@@ -9,12 +10,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").glob("*.md"))]
-CODE_DIRS = ["repa_e_fast", "kernels", "benchmarks", "tests"]
+CODE_DIRS = ["repa_e_fast", "kernels", "benchmarks", "csrc", "tests"]
+CODE_SUFFIXES = (".py", ".sh", ".cpp", ".h")
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 CODE_SPAN = re.compile(r"`[^`]*`")
 # docs/<page>.md or docs/<page>.md#<anchor>, as the code cites them
 CITATION = re.compile(r"docs/[\w-]+\.md(?:#[\w-]+)?")
+# Citations of documents that are not in the repository: the plan's sections ("spec §9.4", any
+# "§"), its numbered items ("R39", "Q11"), the reference fixtures' README, a design document.
+OUTSIDE_CITATION = re.compile(r"§|\b[RQ][0-9]+\b|reference README|DESIGN\.md|README[:§]")
 
 
 def lines_by_kind(text: str, in_fence: bool):
@@ -95,16 +100,31 @@ def test_every_relative_link_resolves(page):
     assert not problems, f"{page.relative_to(REPO)}:\n" + "\n".join(problems)
 
 
+def code_lines():
+    """(file, line number, line) of every source file under CODE_DIRS, and setup.py."""
+    sources = [REPO / "setup.py"]
+    for directory in CODE_DIRS:
+        sources += sorted(p for p in (REPO / directory).rglob("*")
+                          if p.suffix in CODE_SUFFIXES and "__pycache__" not in p.parts)
+    for source in sources:
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            yield source, number, line
+
+
 def test_docs_anchors_cited_in_the_code_resolve():
     problems = []
-    for directory in CODE_DIRS:
-        for source in sorted((REPO / directory).rglob("*")):
-            if source.suffix not in (".py", ".sh") or "__pycache__" in source.parts:
-                continue
-            for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-                for citation in CITATION.findall(line):
-                    path, _, anchor = citation.partition("#")
-                    problem = unresolved(REPO / path, anchor)
-                    if problem:
-                        problems.append(f"{source.relative_to(REPO)}:{number}: {citation}: {problem}")
+    for source, number, line in code_lines():
+        for citation in CITATION.findall(line):
+            path, _, anchor = citation.partition("#")
+            problem = unresolved(REPO / path, anchor)
+            if problem:
+                problems.append(f"{source.relative_to(REPO)}:{number}: {citation}: {problem}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_code_cites_no_document_outside_the_repository():
+    this_file = Path(__file__).resolve()  # it spells the patterns out
+    problems = [f"{source.relative_to(REPO)}:{number}: {line.strip()}"
+                for source, number, line in code_lines()
+                if source.resolve() != this_file and OUTSIDE_CITATION.search(line)]
+    assert not problems, "cite docs/<page>.md#<anchor> instead:\n" + "\n".join(problems)

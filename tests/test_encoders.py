@@ -75,7 +75,7 @@ def test_missing_file_error_names_the_file_and_where_it_comes_from(tmp_path, enc
 
 
 # ----------------------------------------------------------------------------------------
-# Preprocessing (R39)
+# Preprocessing (docs/numerics.md#encoder-preprocessing-per-family)
 # ----------------------------------------------------------------------------------------
 def test_preprocessing_per_family():
     images = raw_images(2)
@@ -97,7 +97,7 @@ def test_preprocessing_per_family():
 
 
 # ----------------------------------------------------------------------------------------
-# Targets: which tokens, with or without the final norm (R38-R44)
+# Targets: which tokens, with or without the final norm (docs/numerics.md#encoder-targets)
 # ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family, prefix, final_norm", [
     ("mocov3", 1, True), ("mae", 1, False), ("jepa", 0, True), ("clip", 1, False)])

@@ -1,6 +1,6 @@
-"""extract_vae.py (spec §9.3): the three files, their contents (VAE weights that load strictly
-into build_vae, latent statistics from the EMA BatchNorm buffers, the discriminator), atomic
-writes, the official flag names, and errors."""
+"""extract_vae.py (docs/workflows.md#repa_e_fastextract_vae): the three files, their contents
+(VAE weights that load strictly into build_vae, latent statistics from the EMA BatchNorm
+buffers, the discriminator), atomic writes, the official flag names, and errors."""
 
 import argparse
 import os

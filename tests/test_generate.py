@@ -1,6 +1,7 @@
-"""generate.py (spec §8.4): the sampling plan (seeds, global indices, class balance), the
-official-format inputs (--exp-path / --ckpt, REPA-E and LDM-only VAEs), the truncating uint8
-cast, the PNG folder + npz outputs, one process vs torchrun with two CPU ranks, and errors.
+"""generate.py (docs/workflows.md#repa_e_fastgenerate): the sampling plan (seeds, global
+indices, class balance), the official-format inputs (--exp-path / --ckpt, REPA-E and LDM-only
+VAEs), the truncating uint8 cast, the PNG folder + npz outputs, one process vs torchrun with two
+CPU ranks, and errors.
 
 The model is a random SiT-S/2 on 4x4 latents (32 px images, f8d4 VAE with ch=32). Every
 process runs single-threaded (torchrun's default), so in-process runs reproduce the

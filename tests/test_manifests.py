@@ -110,7 +110,8 @@ def test_official_encoder_file_loads_strictly(name):
     state = official_to_state_dict(family, as_file(meta_state(manifest)), 16, name)
     module = strict_meta_load(enc_type, state)
     assert module.pos_embed.shape[1] == 256 + int(family != "jepa")
-    if name == "mocov3_vitl16_checkpoint":  # the ViT-L file's misnamed keys (R40) are really there
+    # the ViT-L file's misnamed keys (docs/numerics.md#encoder-checkpoints-and-key-fixes) are really there
+    if name == "mocov3_vitl16_checkpoint":
         assert "module.base_encoder.blocks.13.norm13.weight" in manifest
         assert "module.base_encoder.blocks.14.mlp.fc14.weight" in manifest
 

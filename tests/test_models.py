@@ -52,7 +52,8 @@ def test_official_initialisation_makes_identity_blocks_and_zero_output():
     out = model.inference(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3]))
     assert torch.count_nonzero(out) == 0
     assert torch.equal(model.pos_embed[0], sincos_pos_embed_2d(32, 4).float())
-    assert not model.pos_embed.requires_grad  # created frozen; REPA-E unfreezes it (R7)
+    # created frozen; REPA-E unfreezes it (docs/numerics.md#pos_embed-is-trained)
+    assert not model.pos_embed.requires_grad
     w = model.blocks[0].attn.qkv.weight
     bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # Xavier-uniform on the full matrix

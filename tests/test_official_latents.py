@@ -25,8 +25,9 @@ def png_bytes(index):
 
 
 def write_official_cache(directory, name="e2e-vavae", count=COUNT):
-    """The official layout (spec §9.2, §9.4): image i is <group>/img<8 digits>.png, its latent
-    <group>/img-mean-std-<8 digits>.npy filled with i, label i % 5."""
+    """The official layout (docs/workflows.md#repa_e_fastcache_latents-and-ldm-only-training):
+    image i is <group>/img<8 digits>.png, its latent <group>/img-mean-std-<8 digits>.npy filled
+    with i, label i % 5."""
     directory.mkdir(parents=True, exist_ok=True)
     labels = []
     with h5py.File(directory / "images.h5", "w") as images, h5py.File(directory / f"{name}.h5", "w") as latents:

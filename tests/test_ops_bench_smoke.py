@@ -59,7 +59,7 @@ def test_bench_ops_smoke(tmp_path):
 
 
 def test_vae_gn_shapes_match_the_channel_plans():
-    """Spec §5.5 by hand: (C, H) of every GroupNorm input at 256 px; the first norm of a
+    """By hand: (C, H) of every GroupNorm input at 256 px; the first norm of a
     channel-changing ResBlock sees the block's input channels, attention norms sit at the
     16x16 level of f16d32 and in both mid blocks."""
     shapes = _bench_ops().vae_gn_shapes()

@@ -16,7 +16,7 @@ ALL_FIXTURES = ["sit_forward.pt", "vae_forward.pt", "dinov2_encoder.pt", "vae_lo
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    # The fixtures were produced with one intra-op thread (reference README §9).
+    # The fixtures were produced with one intra-op thread (docs/parity.md#fixture-kinds).
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -45,7 +45,7 @@ def test_sit_fixture_gradients_cover_every_parameter():
         pytest.skip("reference fixture not present")
     results = parity.run_fixture(path, verbose=True)
     grad_rows = [r for r in results if "/records/train_linear/grads/" in r.name]
-    assert len(grad_rows) == 58  # every parameter, pos_embed included (R7)
+    assert len(grad_rows) == 58  # every parameter, pos_embed included (docs/numerics.md#pos_embed-is-trained)
     assert any(r.name.endswith("/pos_embed") for r in grad_rows)
 
 
@@ -59,8 +59,9 @@ def load_or_skip(name):
 @pytest.mark.parametrize("name, tensors", [("encoder_mocov3.pt", 186), ("encoder_mae.pt", 30), ("encoder_jepa.pt", 29),
                                            ("encoder_clip.pt", 31)])
 def test_encoder_fixture_compares_every_loaded_tensor(name, tensors):
-    # MoCo v3: 15 blocks, so the renamed keys of blocks 13/14 (R40) are among them; CLIP:
-    # every visual key but `proj`, which REPA-E never applies.
+    # MoCo v3: 15 blocks, so the renamed keys of blocks 13/14
+    # (docs/numerics.md#encoder-checkpoints-and-key-fixes) are among them; CLIP: every visual
+    # key but `proj`, which REPA-E never applies.
     results = parity.run_fixture(load_or_skip(name), verbose=True)
     rows = [r for r in results if "/state_dict/" in r.name]
     assert len(rows) == tensors and all(r.passed for r in rows)
@@ -89,8 +90,9 @@ def first_steps_of_the_trajectory(num_steps):
 def test_trajectory_checker_holds_the_discriminator_schedule_exactly():
     data = first_steps_of_the_trajectory(2)
     assert all(r.passed for r in parity.run_fixture(data))
-    # A trainer that started the GAN at step 0 (R47) gives a gan_loss where the official has
-    # exactly 0; the schedule is compared exactly, whatever the drift tolerance.
+    # A trainer that started the GAN at step 0 (docs/numerics.md#discriminator-schedule) gives a
+    # gan_loss where the official has exactly 0; the schedule is compared exactly, whatever the
+    # drift tolerance.
     data["config"]["loss_config"]["losses"]["discriminator_start"] = 0
     failed = {r.name for r in parity.run_fixture(data) if not r.passed}
     assert {"e2e_trajectory/logs/gan_loss", "e2e_trajectory/logs/discriminator_factor"} <= failed

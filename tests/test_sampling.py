@@ -1,4 +1,4 @@
-"""Samplers (spec §8, R32-R34): fixture parity, closed-form ODE solutions, the SDE's draws
+"""Samplers (docs/sampling.md): fixture parity, closed-form ODE solutions, the SDE's draws
 and final mean step, guidance (interval, null label, batch layout) and argument errors."""
 
 import copy
@@ -56,7 +56,7 @@ def offsets_like(model, y, x):
 
 
 # ----------------------------------------------------------------------------------------
-# Fixture parity (reference README §7)
+# Fixture parity (docs/sampling.md#parity)
 # ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def samplers_data():
@@ -226,8 +226,9 @@ def test_cfg_scale_one_is_no_guidance(sampler):
 # SDE
 # ----------------------------------------------------------------------------------------
 def reference_sde(x, y, model, num_steps, path_type, noises):
-    """The SDE with the drift written out per path (spec §8.3): linear ``(2 - t) v + x``;
-    cosine: var = 1, score = -(2/pi) cot(pi t / 2) v - x, drift = v - t * score."""
+    """The SDE with the drift written out per path (docs/sampling.md#euler-maruyama-sde-sampler):
+    linear ``(2 - t) v + x``; cosine: var = 1, score = -(2/pi) cot(pi t / 2) v - x,
+    drift = v - t * score."""
     times = torch.linspace(1, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
     for i in range(num_steps):
         t, dt = times[i], times[i + 1] - times[i]

@@ -49,7 +49,7 @@ def test_step_logs_the_official_values_and_updates_everything():
     assert all(torch.isfinite(v) for v in logs.values())
     assert torch.allclose(logs["sit_loss"], logs["denoising_loss"] + 0.5 * logs["proj_loss"])
     changed = lambda name, key: not torch.equal(backend.models[name].state_dict()[key], before[name][key])  # noqa: E731
-    assert changed("sit", "pos_embed")  # trained in REPA-E (R7)
+    assert changed("sit", "pos_embed")  # trained in REPA-E (docs/numerics.md#pos_embed-is-trained)
     assert changed("vae", "encoder.conv_in.weight") and changed("vae", "decoder.conv_out.weight")
     assert changed("disc", "discriminator.main.0.weight")
     assert not changed("disc", "perceptual_loss.lpips.lin0.model.1.weight") and not changed("disc", "logvar")

@@ -1,4 +1,5 @@
-"""Cached VAE latents for LDM-only training (spec §9.1-9.2), in the record store.
+"""Cached VAE latents for LDM-only training, in the record store
+(docs/workflows.md#repa_e_fastcache_latents-and-ldm-only-training).
 
 ``cache_latents`` writes a directory with two record files in dataset order:
 

@@ -1,4 +1,4 @@
-"""The ADM centre crop (spec §9.4) and image decoding with the bad-data rules.
+"""The ADM centre crop (docs/data.md#the-adm-centre-crop) and image decoding with the bad-data rules.
 
 Every loader and the ``prepare`` tool go through these functions on the CPU, so all
 paths agree pixel for pixel; the DALI loader reproduces the same geometry on the GPU
@@ -54,7 +54,7 @@ def adm_geometry(width: int, height: int, resolution: int) -> AdmGeometry:
 
 
 def adm_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """ADM centre crop, exactly as the official preprocessing does it (spec §9.4).
+    """ADM centre crop, exactly as the official preprocessing does it (docs/data.md#the-adm-centre-crop).
 
     Repeated BOX halving while the short side is >= 2*resolution, then BICUBIC resize of
     the short side to ``resolution`` (sizes rounded), then the central square. Images

@@ -16,22 +16,22 @@ DALI re-encoded as an uncompressed PNG. Unreadable images are replaced by the ne
 image of the permutation. If DALI still fails on a batch, that batch is decoded on the
 CPU instead (``stats["cpu_fallback_batches"]``) and the pipeline is rebuilt.
 
-ADM crop on the GPU (raw folders only; h5 / prepared images are already cropped). PIL
-does (spec §9.4): BOX halvings while the short side >= 2R, then a BICUBIC resize, then a
-centre crop; PIL resamples separably, horizontal pass first, rounding to uint8 after
-each pass. The pipeline reproduces that pass by pass with per-sample sizes computed on
-the CPU (``adm_geometry``): a BOX halving of an even side is exactly a linear resize
-without antialiasing at scale 2 (the average of two pixels), computed in float and
-rounded half up like PIL (odd sides: see ``_halving_pieces``); the bicubic step is two
-antialiased cubic resizes (x then y) whose input ROI is the crop window, so the crop
-costs nothing. Halving stages are per-sample conditionals (``enable_conditionals``): an
-image runs only the halvings it needs, and the graph gets more stages when an image
-needs more. Measured against PIL on the CPU backend the mean absolute difference is
-~0.004 grey levels (tests/test_data_dali.py, benchmarks/bench_data.py). Residuals: PIL's
-fixed-point weights (a few pixels off by 1), odd sides (one line per halving), and
-recent Pillow releases that run the vertical pass first for some tall images (classic
-Pillow, and this graph, always go horizontal first): ~25% of those images' pixels
-differ by 1.
+ADM crop on the GPU (raw folders only; h5 / prepared images are already cropped). PIL does
+(docs/data.md#the-adm-centre-crop): BOX halvings while the short side >= 2R, then a
+BICUBIC resize, then a centre crop; PIL resamples separably, horizontal pass first,
+rounding to uint8 after each pass. The pipeline reproduces that pass by pass with
+per-sample sizes computed on the CPU (``adm_geometry``): a BOX halving of an even side is
+exactly a linear resize without antialiasing at scale 2 (the average of two pixels),
+computed in float and rounded half up like PIL (odd sides: see ``_halving_pieces``); the
+bicubic step is two antialiased cubic resizes (x then y) whose input ROI is the crop
+window, so the crop costs nothing. Halving stages are per-sample conditionals
+(``enable_conditionals``): an image runs only the halvings it needs, and the graph gets
+more stages when an image needs more. Measured against PIL on the CPU backend the mean
+absolute difference is ~0.004 grey levels (tests/test_data_dali.py,
+benchmarks/bench_data.py). Residuals: PIL's fixed-point weights (a few pixels off by 1),
+odd sides (one line per halving), and recent Pillow releases that run the vertical pass
+first for some tall images (classic Pillow, and this graph, always go horizontal first):
+~25% of those images' pixels differ by 1.
 """
 
 from __future__ import annotations

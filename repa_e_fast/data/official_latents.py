@@ -1,5 +1,6 @@
-"""The latent cache the official ``cache_latents.py`` writes (spec §9.2, §9.5), read as it is,
-so an existing ImageNet cache need not be encoded again:
+"""The latent cache the official ``cache_latents.py`` writes, read as it is, so an existing
+ImageNet cache need not be encoded again
+(docs/workflows.md#repa_e_fastcache_latents-and-ldm-only-training):
 
     <data_dir>/images.h5 (+ images_h5.json)   the official preprocessed images (PNG bytes)
     <data_dir>/<name>.h5 (+ <name>_h5.json)    float32 [2C, h, w] = concat(mean, std) per image,

@@ -4,9 +4,9 @@
 
 SRC is an ImageNet-style folder (``SRC/<class>/*.JPEG``, or ``SRC/train/...``, or with a
 ``dataset.json``; same listing and class numbering as the loaders). Each image is
-decoded, converted to RGB, ADM-centre-cropped (spec §9.4) and encoded as PNG (lossless,
-default) or JPEG (``--quality``, 4:4:4 chroma) into tar shards of ``--shard-size``
-images. DST then holds::
+decoded, converted to RGB, ADM-centre-cropped (docs/data.md#the-adm-centre-crop) and
+encoded as PNG (lossless, default) or JPEG (``--quality``, 4:4:4 chroma) into tar shards of
+``--shard-size`` images. DST then holds::
 
     shard-000000.tar ...   the images, ``<8-digit source index>.png|.jpg`` + ``.cls``
                            (plain tar: ``tar tf`` lists it, webdataset can read it)

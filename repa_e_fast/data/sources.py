@@ -9,12 +9,12 @@ Layouts
 -------
 * folder: ``<root>/<class_dir>/**/<image>`` (``root`` or ``root/train``). Files are
   listed recursively and sorted by relative path, as the official preprocessing does
-  (spec §9.4). Labels: from ``<root>/dataset.json`` (``{"labels": [[relpath, class],
+  (docs/data.md#sources). Labels: from ``<root>/dataset.json`` (``{"labels": [[relpath, class],
   ...]}``) when present, else the index of the top-level folder in the sorted list of
   top-level folders that contain at least one image. Empty folders get no class number
   (the official code numbers only top-level names that occur in its file list) and are
   reported with a warning; loose files in ``root`` itself are ignored with a warning.
-* h5: the official ``images.h5`` + ``images_h5.json`` (spec §9.4-9.5); PNG bytes per
+* h5: the official ``images.h5`` + ``images_h5.json`` (docs/data.md#sources); PNG bytes per
   key, labels from the ``dataset.json`` dataset inside the file. Needs ``h5py``.
 * prepared: the output of ``python -m repa_e_fast.data.prepare`` (see prepare.py):
   ``meta.json``, ``index.npy`` and tar shards.

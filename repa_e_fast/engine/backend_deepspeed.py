@@ -4,13 +4,14 @@ One engine each for the SiT ("sit"), the VAE ("vae") and the VAE-loss module tha
 discriminator ("disc"), DeepSpeed's documented pattern for a generator/discriminator pair.
 ZeRO stages 0, 1 and 2; stage 3 is refused (see ``_STAGE3_REASON``).
 
-Precision. The weights, gradients and Adam states stay fp32 (the official policy, spec
-§2.4): bf16/fp16 run the forwards under ``torch.autocast`` through DeepSpeed's
-``torch_autocast`` section, never DeepSpeed's native "bf16"/"fp16" modes, which cast the
-weights to half precision and would feed fp32 images to a half discriminator inside the
-fp32 loss module. fp16 uses ONE dynamic loss scale shared by the three engines, as the
-official run (``SharedLossScaler``), set on each ZeRO optimizer as DeepSpeed's external loss
-scale; DeepSpeed alone would keep one scaler per engine (see the constructor).
+Precision. The weights, gradients and Adam states stay fp32 (the official policy,
+docs/numerics.md#precision-and-the-shared-loss-scale): bf16/fp16 run the forwards under
+``torch.autocast`` through DeepSpeed's ``torch_autocast`` section, never DeepSpeed's native
+"bf16"/"fp16" modes, which cast the weights to half precision and would feed fp32 images to a
+half discriminator inside the fp32 loss module. fp16 uses ONE dynamic loss scale shared by the
+three engines, as the official run (``SharedLossScaler``), set on each ZeRO optimizer as
+DeepSpeed's external loss scale; DeepSpeed alone would keep one scaler per engine (see the
+constructor).
 
 Gradient accumulation. DeepSpeed decides "is this micro-step the boundary" from a counter
 it advances in ``engine.step()``. The backend therefore calls ``engine.step()`` (or, for a

@@ -81,10 +81,11 @@ def autocast_for(precision: str, device: torch.device):
 
 class SharedLossScaler:
     """Dynamic fp16 loss scale shared by the three optimizers, with the official run's
-    arithmetic (spec §2.4): start 2^16, x0.5 on an overflow, x2 after 2000 clean updates,
-    one update after EACH optimizer's step (three per iteration), an overflow skips only
-    that optimizer. The step applies all updates after all backward passes, so every
-    backward of one iteration uses the same scale; the scale sequence is the official one."""
+    arithmetic (docs/numerics.md#precision-and-the-shared-loss-scale): start 2^16, x0.5 on an
+    overflow, x2 after 2000 clean updates, one update after EACH optimizer's step (three per
+    iteration), an overflow skips only that optimizer. The step applies all updates after all
+    backward passes, so every backward of one iteration uses the same scale; the scale sequence
+    is the official one."""
 
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
                  growth_interval: int = 2000):
@@ -301,7 +302,7 @@ class DDPBackend(SingleProcessBackend):
 def build_adamw(module: nn.Module, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                 weight_decay: float = 0.0, fused: Optional[bool] = None) -> torch.optim.AdamW:
     """AdamW over ALL parameters of ``module`` in ``parameters()`` order (the official layout;
-    parameters that never get a gradient get no state and no update, R8)."""
+    parameters that never get a gradient get no state and no update, docs/numerics.md#optimizers)."""
     kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     if fused:
         kwargs["fused"] = True

@@ -68,7 +68,8 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, object]:
         encoders = load_encoders(config.enc_type, config.resolution, config.encoder_ckpts, config.pretrained_dir,
                                  allow_random=config.allow_random_encoder, device=device)
     sit = SiT(**config.sit_kwargs(), z_dims=[e.embed_dim for e in encoders])
-    ema = copy.deepcopy(sit).requires_grad_(False)  # taken before the BN initialisation (spec §2.1 step 5)
+    # Taken before the BN initialisation (docs/numerics.md#set-up-order).
+    ema = copy.deepcopy(sit).requires_grad_(False)
 
     vae = build_vae(config.vae, ch=config.vae_ch, fused_ops=config.fused_ops)
     ldm = config.train_mode == "ldm"
@@ -84,7 +85,8 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, object]:
     elif runtime.is_main:
         warnings.warn("vae_ckpt is null: a RANDOM VAE with identity latent statistics")
     if ldm:
-        # LDM-only (spec §9.1): frozen VAE (sample grids only), BN fixed, pos_embed frozen.
+        # LDM-only (docs/step.md#the-ldm-only-step): frozen VAE (sample grids only), BN fixed,
+        # pos_embed frozen.
         update_ema(ema, sit, decay=0.0)
         vae.eval().requires_grad_(False)
         sit.to(device)
@@ -110,7 +112,8 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, object]:
     if config.disc_pretrained_ckpt:
         load_weights(loss_fn.discriminator, config.disc_pretrained_ckpt, name="discriminator")
 
-    sit.pos_embed.requires_grad_(True)  # trained in REPA-E (R7); before any wrapper registers parameters
+    # Trained in REPA-E (docs/numerics.md#pos_embed-is-trained); set before any wrapper registers parameters.
+    sit.pos_embed.requires_grad_(True)
     if runtime.world_size > 1:
         convert_to_global_batchnorm(sit)  # SyncBN on the latents, as the official multi-GPU run
         if config.sync_discriminator_bn:

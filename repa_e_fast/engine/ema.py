@@ -1,4 +1,4 @@
-"""Exponential moving average of the SiT (spec §2.3, R6, Q10)."""
+"""Exponential moving average of the SiT (docs/numerics.md#ema)."""
 
 import torch
 import torch.nn as nn

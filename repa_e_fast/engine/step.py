@@ -1,6 +1,6 @@
-"""The REPA-E training step (spec §2.2) and the LDM-only step (spec §9.1).
+"""The REPA-E training step and the LDM-only step (docs/step.md).
 
-One REPA-E iteration, in the official order (reference README R1-R9), each part a method of
+One REPA-E iteration, in the official order (docs/numerics.md#order-of-the-step), each part a method of
 ``REPAEStep`` (``vae_forward``, ``vae_backward``, ``discriminator_backward``,
 ``sit_backward``, ``update_models``) that ``__call__`` runs in turn and the parity tool
 runs one by one to inspect:
@@ -42,7 +42,8 @@ class StepConfig:
     vae_align_proj_coeff: float = 1.5
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999
-    # The align pass's final layer feeds no loss (Q27); skipping it changes no number.
+    # The align pass's final layer feeds no loss, so skipping it changes no number
+    # (docs/numerics.md#projectors-and-the-repa-loss).
     align_pass_final_layer: bool = False
 
 
@@ -179,8 +180,8 @@ class REPAEStep(_TrainingStep):
 
     def __init__(self, backend, ema: nn.Module, config: StepConfig = StepConfig(), encoders: Sequence[nn.Module] = ()):
         super().__init__(backend, ema, config, encoders)
-        # REPA-E trains pos_embed from the first step (R7, Q1): it is in the SiT optimizer
-        # and unfrozen by the official per-step requires_grad(model, True).
+        # REPA-E trains pos_embed from the first step (docs/numerics.md#pos_embed-is-trained):
+        # it is in the SiT optimizer and unfrozen by the official per-step requires_grad(model, True).
         backend.unwrap("sit").pos_embed.requires_grad_(True)
 
     def __call__(
@@ -196,7 +197,7 @@ class REPAEStep(_TrainingStep):
         """``images`` uint8 [B,3,H,W], ``labels`` int64 [B]. ``zs`` (encoder targets) are
         computed from the images when not given. ``posterior_noise``, ``time_input`` and
         ``noises`` inject the random draws (otherwise drawn in the official order).
-        Returns detached tensors: the 19 logged values of the official trainer (spec §2.7),
+        Returns detached tensors: the 19 logged values of the official trainer (docs/step.md#logged-values),
         grad norms only on synchronising micro-steps."""
         if images.dtype != torch.uint8:
             raise TypeError(f"images must be uint8 [B,3,H,W], got {images.dtype}")
@@ -208,9 +209,11 @@ class REPAEStep(_TrainingStep):
         vae_out = self.vae_forward(images, posterior_noise)
         # (A) VAE: regularisation + REPA alignment through a frozen, eval-mode SiT.
         align = self.vae_backward(vae_out, labels, zs, global_step, logs, time_input, noises)["vae_align"]
-        # (B) discriminator on the reconstruction from BEFORE the VAE update (Q3).
+        # (B) discriminator on the reconstruction from BEFORE the VAE update
+        # (docs/numerics.md#order-of-the-step).
         self.discriminator_backward(vae_out, global_step, logs)
-        # (C) SiT on the detached latent, train mode, same t and noise as (A) (R3).
+        # (C) SiT on the detached latent, train mode, same t and noise as (A)
+        # (docs/numerics.md#two-sit-passes).
         self.sit_backward(vae_out["z"], labels, zs, logs, align["time_input"], align["noises"])
         # Updates. No sub-step's forward depends on another's update (B uses the
         # reconstruction from before the VAE step, C the detached latent), so applying the
@@ -264,9 +267,10 @@ class REPAEStep(_TrainingStep):
 
 
 class LDMStep(_TrainingStep):
-    """SiT training on cached latents with a frozen VAE (``train_ldm_only.py``, spec §9.1):
-    z = mean + std * n from cached [2C,h,w] moments (mean and std), the latent BN kept in
-    eval mode with the VAE's fixed statistics, pos_embed frozen, label dropout active."""
+    """SiT training on cached latents with a frozen VAE (``train_ldm_only.py``,
+    docs/step.md#the-ldm-only-step): z = mean + std * n from cached [2C,h,w] moments (mean and
+    std), the latent BN kept in eval mode with the VAE's fixed statistics, pos_embed frozen,
+    label dropout active."""
 
     train_latent_bn = False  # fixed latent statistics for the whole run
 

@@ -1,4 +1,5 @@
-"""Interpolation paths and time sampling for flow-matching (spec §4.1-4.3).
+"""Interpolation paths and time sampling for flow-matching
+(docs/numerics.md#interpolants-and-time-sampling).
 
 Convention: t = 0 is data, t = 1 is pure noise. Only v-prediction is used:
 x_t = alpha_t * x + sigma_t * noise, target v* = d_alpha_t * x + d_sigma_t * noise.

@@ -1,4 +1,4 @@
-"""The SiT's denoising loss (spec §4.4).
+"""The SiT's denoising loss (docs/step.md#the-repa-loss-and-the-denoising-loss).
 
 The REPA projection loss is ``repa_e_fast.ops.repa_cosine_loss`` (fused) and
 ``repa_e_fast.ops.repa_cosine_loss_reference`` (its PyTorch definition).

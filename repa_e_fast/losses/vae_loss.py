@@ -1,4 +1,4 @@
-"""VAE regularisation loss of REPA-E (``l1_lpips_kl_gan``; spec §6, R27-R31).
+"""VAE regularisation loss of REPA-E (``l1_lpips_kl_gan``; docs/step.md#the-vae-loss-module).
 
 ``VAERegularizationLoss`` is key-compatible with the official ``ReconstructionLoss_Single_Stage``
 (manifests ``vae_loss_l1_lpips_kl_gan[_lecam].json``): ``logvar``, the LeCam EMA buffers
@@ -6,12 +6,12 @@
 imagenet_std,lpips.*}``. Its parameter order is the official one (``logvar`` first), so an
 optimizer over ``parameters()`` has the official ``opt_disc`` layout.
 
-Official behaviours kept on purpose:
+Official behaviours kept on purpose (docs/numerics.md#vae-loss):
 - the module is never put in eval mode: the discriminator's BatchNorms always use batch
-  statistics and update their running stats on each of its forwards (R28);
-- LPIPS receives [-1, 1] images although it is written for [0, 1] (R27);
+  statistics and update their running stats on each of its forwards;
+- LPIPS receives [-1, 1] images although it is written for [0, 1];
 - the GAN weight is fixed (no adaptive weight), the L1 term is divided by exp(logvar) with
-  a frozen logvar (R29).
+  a frozen logvar.
 """
 
 from dataclasses import dataclass, fields
@@ -158,7 +158,8 @@ class VAERegularizationLoss(FastPath, nn.Module):
 
     def _discriminator_loss(self, inputs, reconstructions, global_step):
         factor = self.discriminator_factor(global_step)
-        # Two separate forwards: real and fake batches get their own BN statistics (R28).
+        # Two separate forwards: real and fake batches get their own BN statistics
+        # (docs/numerics.md#the-discriminator-stays-in-train-mode).
         logits_real = self.discriminator(inputs.detach())
         logits_fake = self.discriminator(reconstructions.detach())
         loss = factor * hinge_discriminator_loss(logits_real, logits_fake)
@@ -166,7 +167,7 @@ class VAERegularizationLoss(FastPath, nn.Module):
         lecam = torch.zeros((), device=inputs.device)
         if weight > 0:
             real_mean, fake_mean = logits_real.mean(), logits_fake.mean()
-            # Uses the EMAs from BEFORE this call's update (R30).
+            # Uses the EMAs from BEFORE this call's update (docs/numerics.md#discriminator-loss-and-lecam).
             lecam = (F.relu(real_mean - self.ema_fake_logits_mean).pow(2).mean()
                      + F.relu(self.ema_real_logits_mean - fake_mean).pow(2).mean()) * weight
             loss = loss + lecam

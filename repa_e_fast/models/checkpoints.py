@@ -38,10 +38,11 @@ def strip_wrapper_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, tor
 
 
 def _allowed_globals() -> list:
-    """The non-tensor types our and the official checkpoints pickle: ``argparse.Namespace``
-    (the official ``args`` entry, spec Q19) and the pieces of a numpy array (the numpy RNG
-    state in ``rng/rank*.pt``). Files written by numpy 1 name ``numpy.core`` where numpy 2
-    names ``numpy._core``; both spellings map to the same function."""
+    """The non-tensor types our and the official checkpoints pickle: ``argparse.Namespace`` (the
+    official ``args`` entry, docs/numerics.md#checkpoint-args-is-a-namespace) and the pieces of
+    a numpy array (the numpy RNG state in ``rng/rank*.pt``). Files written by numpy 1 name
+    ``numpy.core`` where numpy 2 names ``numpy._core``; both spellings map to the same
+    function."""
     import argparse
 
     import numpy as np

@@ -1,7 +1,9 @@
 """PatchGAN discriminator (``NLayerDiscriminator``, n_layers=3, ndf=64, BatchNorm), key-compatible
-with the official ``*-discriminator-ckpt.pt`` files (manifest ``discriminator.json``; spec §6.5).
+with the official ``*-discriminator-ckpt.pt`` files (manifest ``discriminator.json``;
+docs/models.md#patchgan-discriminator).
 
-REPA-E never puts it in eval mode: its BatchNorms always use batch statistics (R28).
+REPA-E never puts it in eval mode: its BatchNorms always use batch statistics
+(docs/numerics.md#the-discriminator-stays-in-train-mode).
 """
 
 import torch

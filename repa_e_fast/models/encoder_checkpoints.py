@@ -1,7 +1,7 @@
 """The official encoder checkpoint files, read and mapped onto ``vit.VisionTransformer``.
 
 One function per family turns what REPA-E's loader reads into our state dict, with the
-same key fixes and position-table resampling (reference README R35, R40-R45):
+same key fixes and position-table resampling (docs/numerics.md#encoder-checkpoints-and-key-fixes):
 
 - DINOv2: the hub file as is; ``head.*`` dropped; ``pos_embed`` resampled (cls kept).
 - MoCo v3: entry ``state_dict`` in the MoCo training layout; only ``module.base_encoder.*``
@@ -104,7 +104,7 @@ def clip_visual_to_state_dict(raw: StateDict, grid: int, prefix: str = "visual."
     for key, value in visual.items():
         value = value.float()  # the released archive is fp16; clip.load casts to fp32 on CPU
         if key == "proj":
-            continue  # image-text projection: loaded by REPA-E, never applied (R44)
+            continue  # image-text projection: loaded, never applied (docs/numerics.md#encoder-targets)
         if key in CLIP_TOP_LEVEL:
             state[CLIP_TOP_LEVEL[key]] = value
             continue

@@ -1,4 +1,4 @@
-"""Frozen representation encoders for REPA (spec §7; reference README R35-R46), read from
+"""Frozen representation encoders for REPA (docs/models.md#encoders), read from
 LOCAL files in ``pretrained/`` (nothing is downloaded):
 
 | ``enc_type``                 | file in ``pretrained/``                 | REPA target                     |
@@ -10,8 +10,9 @@ LOCAL files in ``pretrained/`` (nothing is downloaded):
 | ``jepa-vit-h``               | ``ijepa_vith.pth``                      | final-norm tokens (no cls)      |
 | ``clip-vit-L``               | ``ViT-L-14.pt``                         | tokens without cls, NO ln_post/proj |
 
-Each family has its own image preprocessing (``preprocess_raw_image``, R39). Several
-encoders are given comma-separated (``dinov2-vit-b,clip-vit-L``). The official loader
+Each family has its own image preprocessing (``preprocess_raw_image``,
+docs/numerics.md#encoder-preprocessing-per-family). Several encoders are given comma-separated
+(``dinov2-vit-b,clip-vit-L``). The official loader
 supports the non-DINOv2 families only at 256 px; here their position tables are resampled
 to the res/16 token grid like DINOv2's, so other resolutions work too.
 """
@@ -51,7 +52,8 @@ FAMILY_ARCHS = {
 }
 PATCH_SIZES = {"dinov2": 14, "mocov3": 16, "mae": 16, "jepa": 14, "clip": 14}
 
-# Names the official code accepts but cannot run (R46): one clear line each.
+# Names the official code accepts but cannot run, one clear line each
+# (docs/numerics.md#encoder-names-the-official-code-cannot-run).
 UNSUPPORTED_FAMILIES = {
     "dinov1": "the official REPA-E cannot run DINOv1: load_encoders imports models/dinov1.py, which is not "
               "in the repository (ImportError)",
@@ -60,7 +62,7 @@ UNSUPPORTED_FAMILIES = {
 
 def encoder_family(encoder_type: str) -> str:
     """The preprocessing/loading family of an ``enc_type`` prefix, tested in the official
-    order (R39): clip, mocov3 or mae, dinov2, dinov1, jepa."""
+    order (docs/numerics.md#encoder-preprocessing-per-family): clip, mocov3 or mae, dinov2, dinov1, jepa."""
     for family in ("clip", "mocov3", "mae", "dinov2", "dinov1", "jepa"):
         if family in encoder_type:
             return family
@@ -166,7 +168,7 @@ def parse_enc_type(enc_type: str, resolution: int = 256) -> List[EncoderSpec]:
 
 
 # ----------------------------------------------------------------------------------------
-# Preprocessing (R36, R39)
+# Preprocessing (docs/numerics.md#encoder-preprocessing-per-family)
 # ----------------------------------------------------------------------------------------
 def _normalize(x: torch.Tensor, mean: Tuple[float, ...], std: Tuple[float, ...]) -> torch.Tensor:
     mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
@@ -175,7 +177,7 @@ def _normalize(x: torch.Tensor, mean: Tuple[float, ...], std: Tuple[float, ...])
 
 
 def preprocess_raw_image(images: torch.Tensor, encoder_type: str, resolution: int = 256) -> torch.Tensor:
-    """uint8 [N,3,H,W] -> encoder input, per family (R39):
+    """uint8 [N,3,H,W] -> encoder input, per family (docs/numerics.md#encoder-preprocessing-per-family):
 
     - MoCo v3, MAE: /255, ImageNet normalisation, no resize.
     - DINOv2, I-JEPA: /255, ImageNet normalisation, THEN bicubic resize to 224*(res//256).
@@ -210,10 +212,10 @@ def build_backbone(family: str, embed_dim: int, depth: int, num_heads: int, grid
         return DinoVisionTransformer(embed_dim, depth, num_heads, ffn, patch, num_register_tokens, grid, attn_backend)
     options = {
         "mocov3": {},
-        "mae": {"target_final_norm": False},  # norm.* is loaded but not applied (R42)
+        "mae": {"target_final_norm": False},  # norm.* loaded, not applied (docs/numerics.md#encoder-targets)
         "jepa": {"cls_token": False},
         # conv1 without bias, ln_pre, QuickGELU, LayerNorm eps 1e-5; ln_post loaded as
-        # `norm` but not applied (R44)
+        # `norm` but not applied (docs/numerics.md#encoder-targets)
         "clip": {"activation": "quick_gelu", "norm_eps": 1e-5, "patch_bias": False, "pre_norm": True,
                  "target_final_norm": False},
     }[family]

@@ -1,8 +1,9 @@
 """LPIPS perceptual distance (VGG16 trunk + learned 1x1 "lin" heads), key-compatible with
-the official module (manifest ``lpips.json``; spec §6.4, R27, R31).
+the official module (manifest ``lpips.json``; docs/models.md#lpips).
 
-Official quirk kept (R27): the module assumes inputs in [0, 1] and maps them with 2x - 1,
-but REPA-E feeds [-1, 1] images, so the VGG trunk effectively sees [-3, 1].
+Official quirk kept (docs/numerics.md#lpips-input-range): the module assumes inputs in [0, 1]
+and maps them with 2x - 1, but REPA-E feeds [-1, 1] images, so the VGG trunk effectively
+sees [-3, 1].
 """
 
 import os
@@ -136,7 +137,8 @@ class LPIPS(FastPath, nn.Module):
         return super().train(False)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Distance per image, [N, 1, 1, 1]. Inputs are mapped with 2x - 1 first (R27)."""
+        """Distance per image, [N, 1, 1, 1]. Inputs are mapped with 2x - 1 first
+        (docs/numerics.md#lpips-input-range)."""
         if self.fused_ops:
             return self._fast_forward(input, target)
         taps0 = self.net(self.scaling_layer(2 * input - 1))

@@ -1,4 +1,4 @@
-"""SiT (Scalable Interpolant Transformer) as REPA-E uses it (spec §3), key-compatible with
+"""SiT (Scalable Interpolant Transformer) as REPA-E uses it (docs/models.md#sit), key-compatible with
 the official checkpoints (manifests ``sit_*.json``).
 
 The module's ``forward`` is the official combined pass: latent BatchNorm -> interpolant ->
@@ -30,7 +30,8 @@ PATCH_SIZES = (1, 2, 4, 8)
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos table [grid*grid, dim] in float64 (spec §3.4, R16).
+    """Fixed 2-D sin-cos table [grid*grid, dim] in float64
+    (docs/numerics.md#positional-and-timestep-embeddings).
 
     Token k = row * grid + col. The first dim/2 channels encode the COLUMN, the last dim/2
     the ROW; each half is [sin(pos*w) ..., cos(pos*w) ...] with w_m = 10000^(-m/(dim/4)).
@@ -50,7 +51,8 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 def timestep_frequency_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """[cos(t f_k), sin(t f_k)] with f_k = exp(-ln(max_period) k / (dim/2)); raw t, cos first (R17)."""
+    """[cos(t f_k), sin(t f_k)] with f_k = exp(-ln(max_period) k / (dim/2)); raw t, cos first
+    (docs/numerics.md#positional-and-timestep-embeddings)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
@@ -88,7 +90,8 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        # Dropout depends on the module mode, also in `inference` (R11, R20).
+        # Dropout depends on the module mode, also in `inference`
+        # (docs/numerics.md#label-dropout-and-the-null-label).
         if self.training and self.dropout_prob > 0:
             labels = self.drop_labels(labels)
         return self.embedding_table(labels)
@@ -157,7 +160,8 @@ class FinalLayer(FastPath, nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # shift first (R18)
+        # shift first (docs/numerics.md#sit-blocks-and-final-layer)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         if self.fused_ops:
             return self.linear(ops.adaln_modulate(x, shift, scale, eps=self.norm_final.eps))
         return self.linear(modulate(self.norm_final(x), shift, scale))
@@ -235,7 +239,8 @@ class SiT(FastPath, nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
-        # Created frozen (as the official model); REPA-E training unfreezes it (R7).
+        # Created frozen (as the official model); REPA-E training unfreezes it
+        # (docs/numerics.md#pos_embed-is-trained).
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
             [SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)]
@@ -252,7 +257,7 @@ class SiT(FastPath, nn.Module):
     # ----------------------------------------------------------------------------------
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """Official initialisation (spec §3.11): the model starts as the identity, output 0."""
+        """Official initialisation (docs/models.md#sit): the model starts as the identity, output 0."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -275,7 +280,8 @@ class SiT(FastPath, nn.Module):
 
     @torch.no_grad()
     def init_bn(self, latents_scale: torch.Tensor, latents_bias: torch.Tensor) -> None:
-        """running_mean = bias, running_var = (1/scale)^2 (spec §3.2); tensors of [C] or [1,C,1,1]."""
+        """running_mean = bias, running_var = (1/scale)^2; tensors of [C] or [1,C,1,1]
+        (docs/numerics.md#latent-batchnorm)."""
         scale = torch.as_tensor(latents_scale).reshape(-1).float()
         bias = torch.as_tensor(latents_bias).reshape(-1).float()
         if scale.numel() != self.in_channels or bias.numel() != self.in_channels:
@@ -298,7 +304,8 @@ class SiT(FastPath, nn.Module):
     # Network
     # ----------------------------------------------------------------------------------
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, T, p*p*C] -> [N, C, H, W]; each token's vector is (p_row, p_col, channel) (R19)."""
+        """[N, T, p*p*C] -> [N, C, H, W]; each token's vector is (p_row, p_col, channel)
+        (docs/numerics.md#sit-blocks-and-final-layer)."""
         p, c = self.patch_size, self.out_channels
         grid = self.x_embedder.grid_size
         x = x.reshape(x.shape[0], grid, grid, p, p, c)
@@ -337,7 +344,8 @@ class SiT(FastPath, nn.Module):
     ) -> Dict[str, object]:
         """The official training pass on RAW latents ``x`` [N,C,H,W].
 
-        Draw order when sampling (R10): time (CPU generator), noise (randn_like), label drop.
+        Draw order when sampling (docs/numerics.md#random-draws-and-their-order): time (CPU
+        generator), noise (randn_like), label drop.
         ``align_only`` stops after block ``encoder_depth``; the official code still applies
         the final layer to that state (set ``align_only_final_layer=False`` to skip it: no
         loss or gradient depends on it).
@@ -373,8 +381,9 @@ class SiT(FastPath, nn.Module):
         return repa_loss(list(zs), list(zs_tilde))
 
     def inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Velocity for NORMALISED latents ``x`` at times ``t`` [N]; no BN, no loss (R20).
-        Label dropout follows the module mode: call it in eval mode."""
+        """Velocity for NORMALISED latents ``x`` at times ``t`` [N]; no BN, no loss.
+        Label dropout follows the module mode: call it in eval mode
+        (docs/numerics.md#label-dropout-and-the-null-label)."""
         output, _ = self._run(x, t, y, align_only=False, final_layer=True)
         return output
 

@@ -1,4 +1,4 @@
-"""AutoencoderKL (LDM / SD-VAE layout) as REPA-E uses it (spec §5), key-compatible with the
+"""AutoencoderKL (LDM / SD-VAE layout) as REPA-E uses it (docs/models.md#vae), key-compatible with the
 official checkpoints (manifests ``vae_f8d4.json``, ``vae_f16d32.json``).
 
 Layouts: ``f8d4`` (SD-VAE: 4 latent channels, 8x downsampling) and ``f16d32`` (IN-VAE /
@@ -55,7 +55,8 @@ class ResnetBlock(FastPath, nn.Module):
 
 
 class AttnBlock(FastPath, nn.Module):
-    """Single-head self-attention over all H*W positions, 1x1-conv projections (R22)."""
+    """Single-head self-attention over all H*W positions, 1x1-conv projections
+    (docs/numerics.md#vae-blocks-and-posterior)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -79,7 +80,8 @@ class AttnBlock(FastPath, nn.Module):
 
 
 class Downsample(nn.Module):
-    """Pad right/bottom by one pixel, then a stride-2 3x3 conv without padding (R23)."""
+    """Pad right/bottom by one pixel, then a stride-2 3x3 conv without padding
+    (docs/numerics.md#vae-blocks-and-posterior)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -155,7 +157,8 @@ class Encoder(FastPath, nn.Module):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         in_mult = (1,) + tuple(ch_mult)
-        # Attention placement follows the NOMINAL resolution, not the input size (R24).
+        # Attention placement follows the NOMINAL resolution, not the input size
+        # (docs/numerics.md#vae-blocks-and-posterior).
         current_res = resolution
         self.down = nn.ModuleList()
         block_in = ch
@@ -250,7 +253,7 @@ class Decoder(FastPath, nn.Module):
 
 class DiagonalGaussianDistribution:
     """Posterior from moments [N, 2C, h, w]: mean = first C channels, logvar = last C,
-    clamped to [-30, 20] (R25)."""
+    clamped to [-30, 20] (docs/numerics.md#vae-blocks-and-posterior)."""
 
     def __init__(self, moments: torch.Tensor):
         self.parameters = moments
@@ -341,7 +344,7 @@ def build_vae(layout: str, ch: int = 128, **kwargs) -> AutoencoderKL:
 
 
 def preprocess_images_for_vae(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,3,H,W] -> float32 in [-1, 1] (R26)."""
+    """uint8 [N,3,H,W] -> float32 in [-1, 1] (docs/numerics.md#vae-blocks-and-posterior)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
     return images.float() / 127.5 - 1

@@ -95,9 +95,10 @@ class PatchEmbed(nn.Module):
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Resize the square patch part of a [1, P + S*S, D] table to grid x grid (R35, R45):
-    the prefix rows (cls) are kept, the patch rows resized row-major with antialiased bicubic
-    in float32. An unchanged grid returns the input itself."""
+    """Resize the square patch part of a [1, P + S*S, D] table to grid x grid
+    (docs/numerics.md#position-table-resampling): the prefix rows (cls) are kept, the patch
+    rows resized row-major with antialiased bicubic in float32. An unchanged grid returns the
+    input itself."""
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = math.isqrt(patches.shape[1])
     if old * old != patches.shape[1]:
@@ -200,7 +201,7 @@ class VisionTransformer(nn.Module):
 
     def repa_target(self, x: torch.Tensor) -> torch.Tensor:
         """The patch tokens REPA aligns to, [B, grid*grid, D]: with the final norm for
-        DINOv2, MoCo v3 and I-JEPA, without it for MAE and CLIP (R38-R46)."""
+        DINOv2, MoCo v3 and I-JEPA, without it for MAE and CLIP (docs/numerics.md#encoder-targets)."""
         tokens = self.forward_tokens(x)
         if self.target_final_norm:
             tokens = self.norm(tokens)

@@ -1,7 +1,7 @@
 """What every op shares: the choice between the Triton kernels and the PyTorch reference,
 the kernel calls as custom ops for ``torch.compile`` (``kernel_op``), and the input checks.
 
-Rule (DESIGN.md): Triton when the tensors are on CUDA, or when ``TRITON_INTERPRET=1``
+Rule (docs/ops.md#dispatch): Triton when the tensors are on CUDA, or when ``TRITON_INTERPRET=1``
 (Triton's CPU interpreter, so tests run the real kernels on CPU tensors); the PyTorch
 reference otherwise. ``REPA_E_FAST_OPS=torch`` forces the reference,
 ``REPA_E_FAST_OPS=triton`` forces the kernels (an error where they cannot run).

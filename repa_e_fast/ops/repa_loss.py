@@ -94,7 +94,7 @@ class _RepaLoss(torch.autograd.Function):
 
 
 def repa_cosine_loss(zs, zs_tilde):
-    """REPA alignment loss (spec §4.4), one fused pass per encoder.
+    """REPA alignment loss (docs/numerics.md#projectors-and-the-repa-loss), one fused pass per encoder.
 
     Args:
         zs: encoder features (targets), a ``[B, T, d_e]`` tensor or a list with one per
