@@ -291,7 +291,7 @@ class _Timer:
         self.dev = dev
 
     def __call__(self, fn, grad_to_none=None):
-        """Median milliseconds."""
+        """Milliseconds of one call of ``fn``: the median of many on CUDA."""
         if self.dev.type == "cuda":
             from triton.testing import do_bench
             return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
