@@ -37,7 +37,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -51,8 +50,10 @@ ALL_OPS = ("adaln", "gated", "fused", "repa", "groupnorm")
 # cosine-loss kernel (its fused ops are attention, SwiGLU, RMSNorm, RoPE).
 THIRD_PARTY = ("liger_kernel", "apex", "xformers")
 GN_BATCHES = (8, 32)
-SMOKE_GN_BATCHES = (1, 2)
-SMOKE_GN_SHAPES = [(64, 8), (32, 5)]  # (C, H=W): tiny, one with an odd spatial size
+SMOKE_GN_BATCHES = (1,)
+# (C, H=W): one tiny shape with an odd spatial size. An NCHW case runs one interpreted
+# program per group (32), so each smoke case costs seconds on a CPU.
+SMOKE_GN_SHAPES = [(32, 5)]
 
 # Rough peak-memory estimates (bytes per element of the case's main tensor, times the number
 # of full-tensor passes) used to skip cases that cannot fit: the check holds fp32 + fp64
@@ -99,7 +100,7 @@ def _parse(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU under the Triton interpreter")
     p.add_argument("--ops", default=",".join(ALL_OPS), help=f"comma list of {ALL_OPS}")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--compile-backend", default=None,
+    p.add_argument("--torch-compile-backend", default=None,
                    help="torch.compile backend of the compile baseline (default inductor; aot_eager with "
                         "--smoke: it checks capture and autograd, while inductor's C++ code generation "
                         "adds ~40 s to the CPU smoke run with a cold cache)")
@@ -117,11 +118,11 @@ def _parse(argv=None):
 
 
 def run_benchmarks(ops=ALL_OPS, smoke=False, compile_baseline=True, gn_acts=("silu", "none"), out_dir=None,
-                   command=None, log=print, compile_backend=None, gn_batches=None, third_party="auto"):
+                   command=None, log=print, torch_compile_backend=None, gn_batches=None, third_party="auto"):
     """Run the benchmark; returns the result dict (also written as JSON when out_dir is given).
 
-    compile_backend: backend of the ``torch.compile`` baseline; None = inductor, or aot_eager
-    in smoke runs. gn_batches: GroupNorm batch sizes (None = 8,32, or 1,2 in smoke runs).
+    torch_compile_backend: backend of the ``torch.compile`` baseline; None = inductor, or aot_eager
+    in smoke runs. gn_batches: GroupNorm batch sizes (None = 8,32, or 1 in smoke runs).
     third_party: "auto" (Liger-Kernel / apex baselines on CUDA only), "on" or "off".
     """
     if smoke and not _cuda_available():
@@ -133,8 +134,8 @@ def run_benchmarks(ops=ALL_OPS, smoke=False, compile_baseline=True, gn_acts=("si
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and not smoke:
         raise SystemExit("bench_ops: no CUDA device; use --smoke for the CPU interpreter run")
-    if compile_backend is None:
-        compile_backend = "aot_eager" if smoke else "inductor"
+    if torch_compile_backend is None:
+        torch_compile_backend = "aot_eager" if smoke else "inductor"
     if gn_batches is None:
         gn_batches = SMOKE_GN_BATCHES if smoke else GN_BATCHES
     gn_batches = tuple(int(n) for n in gn_batches)
@@ -143,7 +144,7 @@ def run_benchmarks(ops=ALL_OPS, smoke=False, compile_baseline=True, gn_acts=("si
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
                "command": command or " ".join([os.path.basename(sys.executable)] + sys.argv),
-               "smoke": smoke, "compile_backend": compile_backend if compile_baseline else None,
+               "smoke": smoke, "torch_compile_backend": torch_compile_backend if compile_baseline else None,
                "gn_batches": list(gn_batches), "cases": []}
     results["third_party"] = _third_party_versions()
     tp, tp_errors = _load_third_party(third_party, dev, results["third_party"])
@@ -165,7 +166,7 @@ def run_benchmarks(ops=ALL_OPS, smoke=False, compile_baseline=True, gn_acts=("si
         path = os.path.join(out_dir, f"ops_{name}_{datetime.date.today().strftime('%Y%m%d')}.json")
     for case in _cases(ops, smoke, gn_acts, dev, torch, fused_ops, gn_batches=gn_batches, third_party=tp):
         results["cases"].append(_run_case(case, timer, compile_baseline, copy_gbs, torch, log,
-                                          compile_backend=compile_backend))
+                                          torch_compile_backend=torch_compile_backend))
         if path:  # rewritten after every case, so an interrupted run keeps what it measured
             with open(path, "w") as f:
                 json.dump(results, f, indent=1)
@@ -290,24 +291,18 @@ class _Timer:
         self.dev = dev
 
     def __call__(self, fn, grad_to_none=None):
-        """Median milliseconds."""
+        """Milliseconds of one call of ``fn``: the median of many on CUDA."""
         if self.dev.type == "cuda":
             from triton.testing import do_bench
             return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-        # CPU (the smoke run): up to 4 calls, the first one not counted, but stop after
-        # 0.5 s: an interpreted kernel takes ~1 s a call and its timing only shows it runs.
-        times = []
-        deadline = time.perf_counter() + 0.5
-        for _ in range(4):
-            if grad_to_none:
-                for t in grad_to_none:
-                    t.grad = None
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            if time.perf_counter() > deadline:
-                break
-        return statistics.median(times[1:] or times)
+        # CPU (the smoke run): one call. An interpreted kernel takes up to seconds a call
+        # and its timing only shows that it runs; _measure has already warmed it up.
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
 
     def graph(self, fn, grad_to_none=None):
         """Median ms of ``fn`` replayed from a CUDA graph: GPU time without Python launch cost."""
@@ -496,7 +491,7 @@ def _memory_skip(case, dev, torch):
     return None, None
 
 
-def _run_case(case, timer, compile_baseline, copy_gbs, torch, log, compile_backend="inductor"):
+def _run_case(case, timer, compile_baseline, copy_gbs, torch, log, torch_compile_backend="inductor"):
     r = {"op": case.op, "case": case.name, "passes_fwd": case.passes_fwd, "passes_bwd": case.passes_bwd}
     r.update(case.info)
     skip, skip_check = _memory_skip(case, timer.dev, torch)
@@ -505,7 +500,7 @@ def _run_case(case, timer, compile_baseline, copy_gbs, torch, log, compile_backe
         log(f"skip {case.op} {case.name}: {skip}")
         return r
     try:
-        _measure(case, r, skip_check, timer, compile_baseline, compile_backend, copy_gbs, torch, log)
+        _measure(case, r, skip_check, timer, compile_baseline, torch_compile_backend, copy_gbs, torch, log)
     except torch.OutOfMemoryError as e:  # the estimate was too optimistic: report, go on
         r["skipped"] = f"out of memory: {e}"[:300]
         log(f"skip {case.op} {case.name}: {r['skipped']}")
@@ -514,7 +509,7 @@ def _run_case(case, timer, compile_baseline, copy_gbs, torch, log, compile_backe
     return r
 
 
-def _measure(case, r, skip_check, timer, compile_baseline, compile_backend, copy_gbs, torch, log):
+def _measure(case, r, skip_check, timer, compile_baseline, torch_compile_backend, copy_gbs, torch, log):
     if case.check and skip_check:
         r["check_skipped"] = skip_check
         log(f"check {case.op} {case.name}: skipped, {skip_check}")
@@ -533,7 +528,7 @@ def _measure(case, r, skip_check, timer, compile_baseline, compile_backend, copy
     impls.update(case.extra)
     if compile_baseline:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        impls["compile"] = torch.compile(case.eager, dynamic=False, backend=compile_backend)
+        impls["compile"] = torch.compile(case.eager, dynamic=False, backend=torch_compile_backend)
     r["impls"] = list(impls)
     bytes_fwd = case.passes_fwd * case.numel * case.elem_bytes
     bytes_fb = (case.passes_fwd + case.passes_bwd) * case.numel * case.elem_bytes
@@ -643,7 +638,7 @@ def main(argv=None):
     batches = None if args.gn_batches is None else tuple(int(n) for n in args.gn_batches.split(",") if n.strip())
     run_benchmarks(ops, smoke=args.smoke, compile_baseline=not args.no_compile, gn_acts=acts,
                    out_dir=args.out_dir, command=" ".join(["python"] + sys.argv),
-                   compile_backend=args.compile_backend, gn_batches=batches, third_party=args.third_party)
+                   torch_compile_backend=args.torch_compile_backend, gn_batches=batches, third_party=args.third_party)
 
 
 if __name__ == "__main__":

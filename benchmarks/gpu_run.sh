@@ -118,7 +118,7 @@ part1() {
 part2() {
     local size=(--models SiT-XL/2 --batch 32 --warmup 2 --iters 5)
     # smoke: dynamo's capture without AOT autograd's tracing (the throughput smoke test runs aot_eager)
-    ((dry)) && size=(--smoke --compile-backend eager)
+    ((dry)) && size=(--smoke --torch-compile-backend eager)
     local anchor=()
     # --official-result puts speedup_vs_official in the rows; older throughput.py lack the flag
     if [ -s "$out/official_step.jsonl" ] && python benchmarks/throughput.py --help | grep -q -- --official-result; then

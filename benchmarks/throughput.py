@@ -89,15 +89,15 @@ def build_bench_sit(model_name, smoke, fast):
     return sit.set_fused_ops(fast)
 
 
-def compile_models(modules, compile_backend):
+def compile_models(modules, torch_compile_backend):
     """Compile every module that runs in each step IN PLACE (``Module.compile``), as train.py
     does: the SiT's align pass, which the step calls through ``functional_call`` on the
     unwrapped module, and the DINOv2 target encoders then run compiled too."""
     for module in modules:
-        module.compile(backend=compile_backend)
+        module.compile(backend=torch_compile_backend)
 
 
-def build_repae(model_name, batch, device, variant, smoke, compile_backend="inductor"):
+def build_repae(model_name, batch, device, variant, smoke, torch_compile_backend="inductor"):
     """SiT + f8d4 VAE + loss module + DINOv2 targets with random weights (timing only)."""
     torch.manual_seed(0)
     fast = variant in ("fast", "fast_compile")
@@ -126,7 +126,7 @@ def build_repae(model_name, batch, device, variant, smoke, compile_backend="indu
         encoders = [] if smoke else load_encoders("dinov2-vit-b", 256, allow_random=True, device=device,
                                                   pretrained_dir="/nonexistent")
     if variant in COMPILED_VARIANTS:
-        compile_models(list(models.values()) + encoders, compile_backend)
+        compile_models(list(models.values()) + encoders, torch_compile_backend)
     step = REPAEStep(backend, ema, StepConfig(align_pass_final_layer=not fast), encoders=encoders)
     images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10 if smoke else 1000, (batch,), device=device)
@@ -140,7 +140,7 @@ def build_repae(model_name, batch, device, variant, smoke, compile_backend="indu
     return run
 
 
-def build_ldm(model_name, batch, device, variant, smoke, compile_backend="inductor"):
+def build_ldm(model_name, batch, device, variant, smoke, torch_compile_backend="inductor"):
     torch.manual_seed(0)
     fast = variant in ("fast", "fast_compile")
     sit = build_bench_sit(model_name, smoke, fast).to(device)
@@ -148,7 +148,7 @@ def build_ldm(model_name, batch, device, variant, smoke, compile_backend="induct
     backend = make_backend("single", {"sit": sit}, {"sit": {}}, precision="bf16" if device.type == "cuda" else "fp32",
                            fused_adam=fast and device.type == "cuda")
     if variant in COMPILED_VARIANTS:
-        compile_models([sit], compile_backend)
+        compile_models([sit], torch_compile_backend)
     step = LDMStep(backend, ema)
     side = 4 if smoke else 32
     moments = torch.cat([torch.randn(batch, 4, side, side, device=device),
@@ -208,7 +208,7 @@ def count_reference_flops(kind, model_name, smoke, batch):
 
 
 def measure_step(kind, model_name, batch, device, variant, smoke, warmup, iters, peak_tflops,
-                 compile_backend="inductor", flops_per_image=None, count_syncs=False):
+                 torch_compile_backend="inductor", flops_per_image=None, count_syncs=False):
     """Time one (step, model, variant). ``flops_per_image`` is the fixed count every variant
     of (step, model) is scored with (``reference_flops_per_image``)."""
     builder = build_repae if kind == "repae" else build_ldm
@@ -224,7 +224,7 @@ def measure_step(kind, model_name, batch, device, variant, smoke, warmup, iters,
         # and the loss module runs in two modes: three steps compile every graph.
         warmup = max(warmup, 3)
     started = time.perf_counter()
-    run = builder(model_name, batch, device, variant, smoke, compile_backend)
+    run = builder(model_name, batch, device, variant, smoke, torch_compile_backend)
     for index in range(warmup):
         run(index)
     synchronize(device)
@@ -246,7 +246,7 @@ def measure_step(kind, model_name, batch, device, variant, smoke, warmup, iters,
            if (kind, "tiny" if smoke else model_name) in FIXED_FLOPS_PER_IMAGE
            else "reference path, counted on the meta device in this run"}
     if compiled:
-        row["compile_backend"] = compile_backend
+        row["torch_compile_backend"] = torch_compile_backend
     if flops and peak_tflops:
         row["mfu"] = flops / seconds / (peak_tflops * 1e12)
     if count_syncs:
@@ -285,7 +285,7 @@ def measure_steps(args, device):
                 try:
                     row = measure_step(kind, model_name, args.batch, device, variant, args.smoke, args.warmup,
                                        args.iters, args.peak_tflops if device.type == "cuda" else None,
-                                       args.compile_backend, flops_per_image, args.count_syncs)
+                                       args.torch_compile_backend, flops_per_image, args.count_syncs)
                     if args.count_syncs:
                         print(f"host syncs per step: {kind}/{variant} {row['host_syncs_per_step']}", flush=True)
                 except Exception as error:  # noqa: BLE001 - one failing variant must not lose the rest
@@ -440,7 +440,7 @@ def main(argv=None):
     parser.add_argument("--count-flops", action="store_true",
                         help="count the reference step's FLOPs per image on the meta device, print, exit")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, under two minutes")
-    parser.add_argument("--compile-backend", default=None,
+    parser.add_argument("--torch-compile-backend", default=None,
                         help="torch.compile backend of the compiled variants and baselines (default inductor; "
                              "aot_eager with --smoke: it checks capture and autograd without inductor's minutes "
                              "of C++ code generation on a CPU)")
@@ -452,8 +452,8 @@ def main(argv=None):
     if unknown or set(args.variants.split(",")) - set(VARIANTS) or set(args.steps.split(",")) - {"repae", "ldm"}:
         parser.error(f"sections from kernels,attention,steps; variants from {','.join(VARIANTS)}; steps from repae,ldm")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    if args.compile_backend is None:
-        args.compile_backend = "aot_eager" if args.smoke else "inductor"
+    if args.torch_compile_backend is None:
+        args.torch_compile_backend = "aot_eager" if args.smoke else "inductor"
     if args.smoke:
         args.batch, args.warmup, args.iters = 2, 1, 1
         args.models = "tiny"
@@ -483,7 +483,7 @@ def main(argv=None):
         import bench_ops
 
         result = bench_ops.run_benchmarks(smoke=args.smoke, compile_baseline=True,
-                                          compile_backend=args.compile_backend, out_dir=None)
+                                          torch_compile_backend=args.torch_compile_backend, out_dir=None)
         rows.append({"section": "kernels", "results": result})
     if "attention" in sections:
         rows += measure_attention(device, args.smoke, args.iters)

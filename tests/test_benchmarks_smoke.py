@@ -29,7 +29,7 @@ def test_throughput_smoke(tmp_path):
         rows = {r["variant"]: r for r in steps if r["step"] == step}
         # Every variant is scored with the reference path's FLOP count (issue 15).
         assert len({r["tflop_per_step"] for r in rows.values()}) == 1
-        assert rows["compile"]["compile_backend"] == "aot_eager" and rows["compile"]["warmup_steps"] == 3
+        assert rows["compile"]["torch_compile_backend"] == "aot_eager" and rows["compile"]["warmup_steps"] == 3
         ratio = rows["fast"]["images_per_s"] / rows["reference"]["images_per_s"]
         assert abs(rows["fast"]["speedup_vs_reference"] - ratio) < 1e-9
         assert "speedup_vs_reference" not in rows["reference"] and rows["reference"]["speedup_vs_compile"] > 0

@@ -14,8 +14,12 @@ from _ops_helpers import DTYPES, SUBNORMAL_STEP, TOL, needs_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (B, T, D): SiT-XL width with few tokens, odd widths, T = 1 / 255 / 256.
-SHAPES = [(2, 1, 1152), (2, 3, 1152), (2, 255, 72), (1, 256, 77), (3, 7, 5)]
+# (B, T, D): SiT-XL width with few tokens, odd widths. In the interpreter the backward
+# splits each sample's T rows into tiles of up to 64 rows (split_rows, 4 programs wanted):
+# T = 1 one tile; T = 3 and 7 a partial last tile; T = 129 tiles capped at 64 rows, the
+# last one a single row; T = 128 four full tiles. Every row is an interpreted program in
+# the forward, so T stays as small as these cases allow.
+SHAPES = [(2, 1, 1152), (2, 3, 1152), (2, 129, 72), (1, 128, 77), (3, 7, 5)]
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def test_bench_ops_smoke(tmp_path):
     res = json.loads(path.read_text())
     ops = {c["op"] for c in res["cases"]}
     assert ops == {"adaln_modulate", "gated_residual", "gated_residual_adaln", "repa_cosine_loss", "group_norm"}
-    assert res["compile_backend"] == "aot_eager" and res["gn_batches"] == [1, 2]
+    assert res["torch_compile_backend"] == "aot_eager" and res["gn_batches"] == [1, 2]
     assert set(res["third_party"]) == {"liger_kernel", "apex", "xformers"}
     assert res["third_party_baselines"] == []  # "auto" runs them on CUDA only
     for case in res["cases"]:
@@ -55,7 +55,7 @@ def test_bench_ops_smoke(tmp_path):
     for c in gn:
         batches.setdefault((c["channels"], c["hw"], c["layout"]), set()).add(c["batch"])
         assert c["case"].startswith(f"N{c['batch']} C{c['channels']} ")
-    assert batches == {(C, H, layout): {1, 2} for C, H in [(64, 8), (32, 5)] for layout in ("nchw", "nhwc")}
+    assert batches == {(32, 5, layout): {1, 2} for layout in ("nchw", "nhwc")}
 
 
 def test_vae_gn_shapes_match_the_channel_plans():
@@ -187,7 +187,9 @@ def test_third_party_baselines_are_benchmarked(fake_third_party, monkeypatch):
 
     bench_ops = _bench_ops()
     monkeypatch.setattr(bench_ops, "SMOKE_GN_SHAPES", [(64, 4)])  # C != 32 groups
-    monkeypatch.delenv("REPA_E_FAST_OPS", raising=False)
+    # Our ops as their PyTorch references: this test is about the third-party baselines;
+    # test_bench_ops_smoke runs our kernels (interpreted) through the same benchmark code.
+    monkeypatch.setenv("REPA_E_FAST_OPS", "torch")
     cpu = torch.device("cpu")
     versions = bench_ops._third_party_versions()
     assert versions["liger_kernel"] and versions["apex"]  # "0.0.0+fake" unless a real one has metadata
