@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--pproc-batch-size", "--batch-size", dest="batch_size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--data-backend", default="auto", choices=("auto", "dali", "torch"))
+    parser.add_argument("--data-loader", default="auto", choices=("auto", "dali", "torch"))
     parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     return parser
 
@@ -64,7 +64,7 @@ def _encode_to_parts(args, rank, world, device, part_dir: Path):
         load_weights(vae, args.vae_ckpt, name=f"VAE {args.vae}")
     vae = vae.to(device).eval().requires_grad_(False)
     loader = build_image_loader(args.data_dir, args.batch_size, resolution=args.resolution, rank=rank,
-                                world_size=world, device=device, backend=args.data_backend,
+                                world_size=world, device=device, loader=args.data_loader,
                                 num_workers=args.num_workers, shuffle=False, drop_last=False, return_indices=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16,
                               enabled=args.mixed_precision != "no")

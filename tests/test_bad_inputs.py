@@ -35,12 +35,12 @@ from repa_e_fast.train import main as train_main
     ({"report_to": "jsonl,tensorbord"}, "report_to must be a comma list"),
     ({"device": "cuda"}, "CUDA is not available"),
     ({"device": "tpu"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
-    ({"attn_backend": "flash_attn"}, "needs the 'flash_attn' package"),
+    ({"attention": "flash_attn"}, "needs the 'flash_attn' package"),
 ])
 def test_bad_config_values_are_one_clear_line(values, message):
     if "device" in values and values["device"] == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    if values.get("attn_backend") == "flash_attn" and importlib.util.find_spec("flash_attn") is not None:
+    if values.get("attention") == "flash_attn" and importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash_attn is installed here")
     with pytest.raises(ConfigError) as error:
         make_config(values)
@@ -118,9 +118,9 @@ def test_fifo_named_like_an_image_is_skipped_and_counted(tmp_path):
     assert loader.stats["bad_images"] == 1
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_very_wide_image_is_refused_from_its_header(tmp_path, backend):
-    if backend == "dali":
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_very_wide_image_is_refused_from_its_header(tmp_path, kind):
+    if kind == "dali":
         pytest.importorskip("nvidia.dali")
     from PIL import Image
 
@@ -133,7 +133,7 @@ def test_very_wide_image_is_refused_from_its_header(tmp_path, backend):
     with pytest.raises(BadImage, match="6000x2 is too elongated"):
         decode_rgb((root / "c0" / "b.png").read_bytes())
     loader = build_image_loader(root, 3, resolution=32, shuffle=False, num_workers=0, return_indices=True,
-                                backend=backend)
+                                loader=kind)
     (_, _, indices), = list(loader)
     assert indices.tolist() == [0, 2, 2] and loader.stats["bad_images"] == 1
     # A merely wide photograph (4:1) is still used.
@@ -241,7 +241,7 @@ def latent_cache(tmp_path_factory):
     _image_folder(root / "raw", [f"c{i % 2}/{i}.jpg" for i in range(8)])
     assert cache_latents.main(["--data-dir", str(root / "raw"), "--output", str(root / "cache"), "--vae", "f8d4",
                                "--vae-ch", "32", "--allow-random-vae", "--resolution", "32", "--batch-size", "4",
-                               "--num-workers", "0", "--data-backend", "torch"]) == 0
+                               "--num-workers", "0", "--data-loader", "torch"]) == 0
     return root / "cache"
 
 

@@ -129,7 +129,7 @@ def test_generate_extract_vae_cache_latents_and_evaluate_refuse_files_that_run_c
         "extract_vae": ["repa_e_fast.extract_vae", "--ckpt", evil, "--name", "x", "--save-dir", tmp_path / "v"],
         "cache_latents": ["repa_e_fast.cache_latents", "--data-dir", tmp_path / "images", "--output", tmp_path / "c",
                           "--vae", "f8d4", "--vae-ch", 32, "--vae-ckpt", evil, "--resolution", 32,
-                          "--num-workers", 0, "--data-backend", "torch"],
+                          "--num-workers", 0, "--data-loader", "torch"],
         "evaluate": ["repa_e_fast.evaluate", "--ref", tmp_path / "samples.npz", "--samples", tmp_path / "samples.npz",
                      "--inception", evil],
     }
@@ -141,7 +141,7 @@ def test_generate_extract_vae_cache_latents_and_evaluate_refuse_files_that_run_c
 
 def test_deepspeed_resume_refuses_an_engine_file_that_runs_code(tmp_path):
     pytest.importorskip("deepspeed")
-    deepspeed = ("--backend", "deepspeed", "--zero-stage", 1)
+    deepspeed = ("--distributed", "deepspeed", "--zero-stage", 1)
     assert run_train(tmp_path, "--max-train-steps", 1, "--checkpointing-steps", 1, *deepspeed).returncode == 0
     directory = checkpoint_dir(tmp_path, 1)
     target = directory / "deepspeed" / "sit" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
