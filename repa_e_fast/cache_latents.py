@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pproc-batch-size", "--batch-size", dest="batch_size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--data-loader", default="auto", choices=("auto", "dali", "torch"))
+    parser.add_argument("--data-backend", dest="renamed_data_backend", help=argparse.SUPPRESS)  # refused in main
     parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     return parser
 
@@ -126,6 +127,9 @@ def _merge_parts(part_dir: Path, world: int, output: Path, count: int) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.renamed_data_backend is not None:
+        print("error: flag --data-backend was renamed to --data-loader", file=sys.stderr)
+        return 2
     if args.output is None:
         if not args.vae_latents_name:
             print("error: name the cache: --output DIR, or --vae-latents-name NAME (written to <output-dir>/NAME)",

@@ -70,6 +70,32 @@ def test_train_cli_exits_2_with_one_line_for_bad_yaml(tmp_path, capsys, content)
     assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("old, new, value", [
+    ("backend", "distributed", "deepspeed"),
+    ("data_backend", "data_loader", "torch"),
+    ("attn_backend", "attention", "math"),
+])
+def test_renamed_config_keys_and_flags_are_one_line_naming_the_new_name(tmp_path, capsys, old, new, value):
+    with pytest.raises(ConfigError) as error:
+        make_config({old: value})
+    assert str(error.value) == f"config key '{old}' was renamed to '{new}'"
+    config = tmp_path / "old.yaml"
+    config.write_text(f"{old}: {value}\n")
+    assert train_main(["--config", str(config)]) == 2
+    assert capsys.readouterr().err == f"error: config key '{old}' was renamed to '{new}' (in {config})\n"
+    old_flag, new_flag = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+    assert train_main([old_flag, value]) == 2
+    assert capsys.readouterr().err == f"error: flag {old_flag} was renamed to {new_flag}\n"
+    assert make_config({new: value}).to_dict()[new] == value
+
+
+def test_cache_latents_refuses_the_old_data_loader_flag_in_one_line(capsys):
+    from repa_e_fast.cache_latents import main as cache_latents_main
+
+    assert cache_latents_main(["--data-dir", "x", "--output", "y", "--data-backend", "torch"]) == 2
+    assert capsys.readouterr().err == "error: flag --data-backend was renamed to --data-loader\n"
+
+
 # -- image folders ----------------------------------------------------------------------------
 def _image_folder(root, layout):
     from test_data_common import jpeg_bytes, natural_image
