@@ -221,9 +221,9 @@ def read_checkpoint(path: str) -> Dict:
     verify_enclosing_checkpoint(path)
     try:
         checkpoint = safe_torch_load(path, mmap=True)  # the allow-list covers the official "args"
+    except CheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        if isinstance(error, CheckpointError):
-            raise
         raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a training-checkpoint dict")
