@@ -98,9 +98,9 @@ def make_official_h5(folder: str, out_dir: str, res: int) -> str:
 
 
 def measure(path, loader_kind, args) -> dict:
-    backend = "torch" if loader_kind == "torch" else "dali"
+    kind = "torch" if loader_kind == "torch" else "dali"
     device = torch.device("cuda") if loader_kind == "dali-gpu" else torch.device("cpu")
-    loader = build_image_loader(path, args.batch_size, resolution=args.resolution, backend=backend,
+    loader = build_image_loader(path, args.batch_size, resolution=args.resolution, loader=kind,
                                 device=device, num_workers=args.workers, seed=0)
     for _ in loader:  # warm-up epoch: worker start, pipeline build, page cache
         pass
@@ -122,10 +122,10 @@ def measure(path, loader_kind, args) -> dict:
 
 def crop_fidelity(folder: str, res: int, device: torch.device) -> dict:
     kwargs = dict(resolution=res, shuffle=False, drop_last=False, num_workers=1, return_indices=True)
-    pil = {int(i): x.numpy() for xs, _, idx in build_image_loader(folder, 8, backend="torch", **kwargs)
+    pil = {int(i): x.numpy() for xs, _, idx in build_image_loader(folder, 8, loader="torch", **kwargs)
            for x, i in zip(xs, idx)}
     dali = {int(i): x.cpu().numpy() for xs, _, idx in
-            build_image_loader(folder, 8, backend="dali", device=device, **kwargs)
+            build_image_loader(folder, 8, loader="dali", device=device, **kwargs)
             for x, i in zip(xs, idx)}
     errors = [float(np.abs(pil[i].astype(int) - dali[i].astype(int)).mean()) for i in sorted(pil)]
     worst = int(np.argmax(errors))

@@ -265,7 +265,7 @@ def build_step(model_name, batch, variant, smoke):
         step = captured["step"]
         step.backend.precision = "bf16"
         if variant == "fast":
-            for name in ("vae", "disc"):
+            for name in ("vae", "vae_loss"):
                 step.backend.models[name].to(memory_format=torch.channels_last)
     finally:
         throughput.REPAEStep, torch.nn.Module.to, throughput.copy = original_step, original_to, original_copy
@@ -371,7 +371,7 @@ def print_table(results, capacity=H100_BYTES, unit=GIB):
           + "".join(f"{sum(r['saved_bytes'][c] for c in VAE_SUBSTEP) / unit:>12.2f}" for r in results))
     print(f"parameters and buffers, {unit_name}")
     for model in results[0]["parameter_bytes"]:
-        label = {"sit": "SiT", "vae": "VAE", "disc": "loss module (D + LPIPS)", "ema": "EMA (SiT copy)",
+        label = {"sit": "SiT", "vae": "VAE", "vae_loss": "loss module (D + LPIPS)", "ema": "EMA (SiT copy)",
                  "encoder0": "DINOv2"}.get(model, model)
         print(f"  {label:<32}" + "".join(f"{r['parameter_bytes'][model] / unit:>12.2f}" for r in results))
     print(f"  {'gradients (fp32)':<32}" + "".join(f"{sum(r['gradient_bytes'].values()) / unit:>12.2f}" for r in results))

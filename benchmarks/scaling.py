@@ -94,7 +94,7 @@ def count_trainable(model: str = "SiT-XL/2", vae: str = "f8d4", encoder_dim: int
     def trainable(module):
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-    return {"sit": trainable(sit), "vae": trainable(autoencoder), "disc": trainable(loss.discriminator),
+    return {"sit": trainable(sit), "vae": trainable(autoencoder), "vae_loss": trainable(loss.discriminator),
             "lpips_frozen": frozen}
 
 
@@ -148,8 +148,8 @@ def zero_padded(count: int, world: int) -> int:
 def payload_per_step(strategy: str, trainable: Dict[str, int], world: int) -> Dict[str, int]:
     """Bytes handed to collectives per step and rank, before ring factors: what a counting
     wrapper around torch.distributed sees (an all-reduce's tensor, a reduce-scatter's full
-    input, an all-gather's full output). ``trainable``: {"sit", "vae", "disc"} counts."""
-    models = ("sit", "vae", "disc")
+    input, an all-gather's full output). ``trainable``: {"sit", "vae", "vae_loss"} counts."""
+    models = ("sit", "vae", "vae_loss")
     size = BYTES_FP32 * sum(trainable[k] for k in models)
     if strategy == "ddp":
         return {"gradients": size, "parameters": 0}
@@ -226,7 +226,7 @@ def project(strategy: str, trainable: Dict[str, int], times: StepTimes, n: int, 
     (C) (SiT forward+backward); the SiT's gradients appear bucket by bucket during (C)'s
     backward, so their reduction can hide under that backward except its last bucket. What
     does not fit is exposed. ZeRO's all-gather of the updated weights is always exposed."""
-    size_of = {k: BYTES_FP32 * trainable[k] for k in ("sit", "vae", "disc")}
+    size_of = {k: BYTES_FP32 * trainable[k] for k in ("sit", "vae", "vae_loss")}
     size = sum(size_of.values())
     wire = wire_bytes_per_gpu(strategy, size, n)
     bucket = ASSUMPTIONS["ddp_bucket_bytes"] if strategy == "ddp" else ASSUMPTIONS["zero_bucket_bytes"]
@@ -235,7 +235,7 @@ def project(strategy: str, trainable: Dict[str, int], times: StepTimes, n: int, 
         messages = max(1, math.ceil(fraction_of_size * size / bucket))
         return collective_seconds(nbytes, n, gpus_per_node, network_GBps, messages) if n > 1 else 0.0
 
-    early = (size_of["vae"] + size_of["disc"]) / size
+    early = (size_of["vae"] + size_of["vae_loss"]) / size
     reduce_early = seconds(wire["overlapped"] * early, early)         # VAE + disc, under pass (C)
     reduce_sit = seconds(wire["overlapped"] * (1 - early), 1 - early)  # SiT buckets, under (C)'s backward
     last_bucket = reduce_sit * min(1.0, bucket / size_of["sit"])
@@ -265,7 +265,7 @@ def memory_table(trainable: Dict[str, int], measured_peak_gib: float, measured_b
     """Per-GPU memory at ``batch`` on n GPUs, per strategy (GiB). Activations+workspace =
     the measured single-GPU peak minus the states the measured run held (its weights, grads,
     AdamW, the SiT's EMA copy and the frozen encoder + LPIPS), scaled linearly in the batch."""
-    total = sum(trainable[k] for k in ("sit", "vae", "disc"))
+    total = sum(trainable[k] for k in ("sit", "vae", "vae_loss"))
     fixed = BYTES_FP32 * (trainable["sit"] + trainable["lpips_frozen"] + trainable.get("encoder_frozen", 0))  # EMA, frozen nets
     held = sum(model_state_bytes("ddp", total, 1).values()) + fixed
     activations = max(0.0, measured_peak_gib * GIB - held) * batch / measured_batch
@@ -293,10 +293,10 @@ def main(argv=None) -> int:
     trainable["encoder_frozen"] = count_encoder()
     times = load_step_times(args.batch)
     decode = load_decode_rate()
-    size = BYTES_FP32 * sum(trainable[k] for k in ("sit", "vae", "disc"))
+    size = BYTES_FP32 * sum(trainable[k] for k in ("sit", "vae", "vae_loss"))
     print("SCALING MODEL (a model, not a measurement) for REPA-E SiT-XL/2 + f8d4, batch", args.batch, "per GPU")
     print(f"trainable parameters (counted on the meta device): SiT {trainable['sit']:,}, VAE {trainable['vae']:,}, "
-          f"discriminator {trainable['disc']:,}; fp32 gradient/weight volume S = {size / 1e9:.3f} GB")
+          f"discriminator {trainable['vae_loss']:,}; fp32 gradient/weight volume S = {size / 1e9:.3f} GB")
     print(f"step compute (prediction from {times.source}): step {times.step * 1e3:.0f} ms, SiT pass (C) "
           f"{times.sit * 1e3:.0f} ms, of it backward {times.sit_backward * 1e3:.0f} ms")
     print(f"assumptions: {json.dumps({k: v for k, v in ASSUMPTIONS.items() if k != 'imagenet_images'})}")

@@ -117,7 +117,7 @@ def build_repae(model_name, batch, device, variant, smoke, torch_compile_backend
         vae = vae.to(memory_format=torch.channels_last)
         loss_fn = loss_fn.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(sit).requires_grad_(False)
-    models = {"sit": sit, "vae": vae, "disc": loss_fn}
+    models = {"sit": sit, "vae": vae, "vae_loss": loss_fn}
     backend = make_backend("single", models, {name: {} for name in models},
                            precision="bf16" if device.type == "cuda" else "fp32",
                            fused_adam=fast and device.type == "cuda")

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--pproc-batch-size", "--batch-size", dest="batch_size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--data-backend", default="auto", choices=("auto", "dali", "torch"))
+    parser.add_argument("--data-loader", default="auto", choices=("auto", "dali", "torch"))
+    parser.add_argument("--data-backend", dest="renamed_data_backend", help=argparse.SUPPRESS)  # refused in main
     parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     return parser
 
@@ -65,7 +66,7 @@ def _encode_to_parts(args, rank, world, device, part_dir: Path):
         load_weights(vae, args.vae_ckpt, name=f"VAE {args.vae}")
     vae = vae.to(device).eval().requires_grad_(False)
     loader = build_image_loader(args.data_dir, args.batch_size, resolution=args.resolution, rank=rank,
-                                world_size=world, device=device, backend=args.data_backend,
+                                world_size=world, device=device, loader=args.data_loader,
                                 num_workers=args.num_workers, shuffle=False, drop_last=False, return_indices=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16,
                               enabled=args.mixed_precision != "no")
@@ -127,6 +128,9 @@ def _merge_parts(part_dir: Path, world: int, output: Path, count: int) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.renamed_data_backend is not None:
+        print("error: flag --data-backend was renamed to --data-loader", file=sys.stderr)
+        return 2
     if args.output is None:
         if not args.vae_latents_name:
             print("error: name the cache: --output DIR, or --vae-latents-name NAME (written to <output-dir>/NAME)",

@@ -89,7 +89,7 @@ class TrainConfig:
     resolution: int = 256
     batch_size: int = 256  # GLOBAL batch (all ranks, one micro-step)
     num_workers: int = 4
-    data_backend: str = "auto"  # auto | dali | torch
+    data_loader: str = "auto"  # auto | dali | torch
     hflip: bool = False
     # -- optimisation -------------------------------------------------------------------
     epochs: int = 1400
@@ -113,11 +113,11 @@ class TrainConfig:
     proj_coeff: float = 0.5
     vae_align_proj_coeff: float = 1.5
     # -- engine -------------------------------------------------------------------------
-    backend: str = "auto"  # auto | single | ddp | deepspeed
+    distributed: str = "auto"  # auto | single | ddp | deepspeed
     deepspeed_config: Optional[str] = None  # JSON template; None = configs/deepspeed/zero2_<precision>.json
     zero_stage: Optional[int] = None  # overrides the template's stage
     fused_ops: bool = False  # Triton kernels (CUDA); the reference PyTorch path otherwise
-    attn_backend: str = "sdpa"
+    attention: str = "sdpa"  # sdpa | flash_attn | xformers | math: the attention kernel
     channels_last: bool = False
     compile: bool = False
     grad_checkpointing: str = ""  # comma list of: sit, vae (activation checkpointing per block)
@@ -152,14 +152,14 @@ class TrainConfig:
         kwargs = sit_config(self.model)
         kwargs.update(input_size=self.latent_size, in_channels=self.latent_channels, num_classes=self.num_classes,
                       class_dropout_prob=self.cfg_prob, encoder_depth=self.encoder_depth, bn_momentum=self.bn_momentum,
-                      qk_norm=self.qk_norm, fused_attn=self.fused_attn, attn_backend=self.attn_backend,
+                      qk_norm=self.qk_norm, fused_attn=self.fused_attn, attention=self.attention,
                       fused_ops=self.fused_ops)
         kwargs.update(self.model_overrides)
         return kwargs
 
     def learning_rates(self) -> Dict[str, float]:
         """Per trained model (the backend's names), its optimizer's learning rate."""
-        return {"sit": self.learning_rate, "vae": self.vae_learning_rate, "disc": self.disc_learning_rate}
+        return {"sit": self.learning_rate, "vae": self.vae_learning_rate, "vae_loss": self.disc_learning_rate}
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,11 +179,14 @@ CHOICES = {
     "path_type": ("linear", "cosine"),
     "prediction": ("v",),
     "weighting": ("uniform", "lognormal"),
-    "backend": ("auto", "single", "ddp", "deepspeed"),
-    "data_backend": ("auto", "dali", "torch"),
-    "attn_backend": ("sdpa", "flash_attn", "xformers", "math"),
+    "distributed": ("auto", "single", "ddp", "deepspeed"),
+    "data_loader": ("auto", "dali", "torch"),
+    "attention": ("sdpa", "flash_attn", "xformers", "math"),
     "vae": tuple(VAE_LAYOUTS),
 }
+# Keys (and their flags) renamed so that "backend" names only the training-backend object.
+# An old name is refused with one line naming the new one; a saved config is read with the new.
+RENAMED_KEYS = {"backend": "distributed", "data_backend": "data_loader", "attn_backend": "attention"}
 
 
 # Allowed numeric ranges: name -> (low, high, low included, high included); None = unbounded.
@@ -307,10 +310,21 @@ def load_yaml(path: str) -> Dict[str, Any]:
     result = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        check_renamed(name, f" (in {path})")
         if name not in FIELDS:
             raise ConfigError(f"unknown config key '{key}' in {path}{_did_you_mean(name)}")
         result[name] = value
     return result
+
+
+def check_renamed(name: str, where: str = "") -> None:
+    if name in RENAMED_KEYS:
+        raise ConfigError(f"config key '{name}' was renamed to '{RENAMED_KEYS[name]}'{where}")
+
+
+def with_renamed_keys(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A config saved by an older version (a checkpoint's trainer.pt) under today's key names."""
+    return {RENAMED_KEYS.get(key, key): value for key, value in saved.items()}
 
 
 def _parse_bool(text: str) -> bool:
@@ -329,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file with TrainConfig keys; flags override it")
     # The deepspeed launcher appends --local_rank; torchrun sets LOCAL_RANK instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for old in RENAMED_KEYS:  # caught, so that the refusal is one line naming the new flag
+        parser.add_argument("--" + old.replace("_", "-"), dest="renamed_" + old, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         default_type = type(f.default) if f.default is not None and f.default is not dataclasses.MISSING else str
@@ -353,6 +370,9 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, Opt
     """(config, the ``--local_rank`` a deepspeed launcher passed, or None)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for old in RENAMED_KEYS:
+        if hasattr(args, "renamed_" + old):
+            raise ConfigError(f"flag --{old.replace('_', '-')} was renamed to --{RENAMED_KEYS[old].replace('_', '-')}")
     values: Dict[str, Any] = load_yaml(args.config) if args.config else {}
     for name in FIELDS:
         if hasattr(args, name):
@@ -361,6 +381,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, Opt
 
 
 def make_config(values: Dict[str, Any]) -> TrainConfig:
+    for name in values:
+        check_renamed(name)
     unknown = [k for k in values if k not in FIELDS]
     if unknown:
         raise ConfigError(f"unknown config key '{unknown[0]}'{_did_you_mean(unknown[0])}")
@@ -401,9 +423,9 @@ def validate_values(config: TrainConfig) -> None:
     unknown = [t for t in targets if t not in REPORT_TARGETS]
     if unknown or not targets:
         raise ConfigError(f"report_to must be a comma list of {', '.join(REPORT_TARGETS)}, got {config.report_to!r}")
-    if not config.fused_attn and config.attn_backend not in ("sdpa", "math"):
-        raise ConfigError(f"--no-fused-attn (the explicit attention formula) conflicts with attn_backend "
-                          f"{config.attn_backend!r}, a fused kernel")
+    if not config.fused_attn and config.attention not in ("sdpa", "math"):
+        raise ConfigError(f"--no-fused-attn (the explicit attention formula) conflicts with attention "
+                          f"{config.attention!r}, a fused kernel")
     checkpointed = [t.strip() for t in config.grad_checkpointing.split(",") if t.strip()]
     if any(t not in GRAD_CHECKPOINT_TARGETS for t in checkpointed):
         raise ConfigError(f"grad_checkpointing must be a comma list of {', '.join(GRAD_CHECKPOINT_TARGETS)}, "
@@ -445,7 +467,7 @@ def validate_environment(config: TrainConfig) -> None:
     """What this machine must offer: the device and the attention package."""
     import torch
 
-    from .models.attention import check_attention_backend
+    from .models.attention import check_attention_kernel
 
     if config.device is not None:
         try:
@@ -462,7 +484,7 @@ def validate_environment(config: TrainConfig) -> None:
         elif device.type != "cpu":
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
     try:
-        check_attention_backend(config.attn_backend)
+        check_attention_kernel(config.attention)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

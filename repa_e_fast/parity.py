@@ -415,8 +415,8 @@ def build_e2e_step(data: dict):
     loss_fn = build_vae_loss(loss_config, states["loss_module"],
                              discriminator_kwargs=config.get("discriminator", {}).get("kwargs"))
     adam = dict(betas=(hp["adam_beta1"], hp["adam_beta2"]), eps=hp["adam_epsilon"], weight_decay=hp["adam_weight_decay"])
-    lrs = {"sit": hp["learning_rate"], "vae": hp["vae_learning_rate"], "disc": hp["disc_learning_rate"]}
-    backend = make_backend("single", {"sit": sit, "vae": vae, "disc": loss_fn},
+    lrs = {"sit": hp["learning_rate"], "vae": hp["vae_learning_rate"], "vae_loss": hp["disc_learning_rate"]}
+    backend = make_backend("single", {"sit": sit, "vae": vae, "vae_loss": loss_fn},
                            {name: dict(lr=lr, **adam) for name, lr in lrs.items()}, precision="fp32")
     optimizers = backend.optimizers
     step_config = StepConfig(path_type=hp["path_type"], weighting=hp["weighting"], proj_coeff=hp["proj_coeff"],

@@ -115,7 +115,7 @@ def load_snapshot(snapshot: dict, modules) -> None:
     loss_fn.discriminator.load_state_dict(snapshot["discriminator"], strict=True)
     for key, value in snapshot.get("loss_module_lecam_buffers", {}).items():
         getattr(loss_fn, key).copy_(value)
-    for ours, theirs in (("sit", "sit"), ("vae", "vae"), ("disc", "loss_fn")):
+    for ours, theirs in (("sit", "sit"), ("vae", "vae"), ("vae_loss", "loss_fn")):
         optimizers[ours].load_state_dict(snapshot["optimizers"][theirs])
 
 
@@ -215,7 +215,7 @@ def capture(modules) -> dict:
     states = {label: {k: v.detach().clone() for k, v in module.state_dict().items()}
               for label, module in (("sit", sit), ("ema", ema), ("vae", vae), ("discriminator", loss_fn.discriminator))}
     states["optimizers"] = {theirs: copy.deepcopy(optimizers[ours].state_dict())
-                            for ours, theirs in (("sit", "sit"), ("vae", "vae"), ("disc", "loss_fn"))}
+                            for ours, theirs in (("sit", "sit"), ("vae", "vae"), ("vae_loss", "loss_fn"))}
     return states
 
 
@@ -237,7 +237,7 @@ def compare_snapshot(out: Comparator, name: str, ours: dict, snapshot: dict, par
     max plus 1e-5 of the largest value over the optimizer (the moments of entries whose
     gradient is rounding noise, docs/numerics.md#the-first-adamw-step, are themselves noise:
     that absolute term covers them)."""
-    lr_of = {"sit": lrs["sit"], "ema": lrs["sit"], "vae": lrs["vae"], "discriminator": lrs["disc"]}
+    lr_of = {"sit": lrs["sit"], "ema": lrs["sit"], "vae": lrs["vae"], "discriminator": lrs["vae_loss"]}
     largest: Dict[str, float] = {}
     for theirs, state_dict in snapshot["optimizers"].items():
         for entry in state_dict["state"].values():
@@ -281,7 +281,7 @@ def check_e2e_trajectory(data: dict, out: Comparator) -> None:
     hp = config["hparams"]
     schedule = {"discriminator_start": int(config["discriminator_start"]),
                 "lecam_off": float(hp.get("lecam_regularization_weight", 0.0)) == 0.0}
-    lrs = {"sit": hp["learning_rate"], "vae": hp["vae_learning_rate"], "disc": hp["disc_learning_rate"]}
+    lrs = {"sit": hp["learning_rate"], "vae": hp["vae_learning_rate"], "vae_loss": hp["disc_learning_rate"]}
     trunk = load_lpips_trunk(data)
     keys = list(outputs["log_keys"])
     num_steps = int(config["num_steps"])

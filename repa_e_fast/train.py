@@ -88,7 +88,7 @@ def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: Che
     if runtime.is_main:
         (experiment / "args.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     loader = build_loader(config, runtime, micro_batch)
-    log(runtime, f"{runtime.backend} backend, {runtime.world_size} rank(s) on {runtime.device}; "
+    log(runtime, f"{runtime.distributed} backend, {runtime.world_size} rank(s) on {runtime.device}; "
                  f"{loader.num_images} images, {loader.num_classes} classes, {len(loader)} batches/epoch/rank")
     models = build_models(config, runtime)
     backend = build_backend(config, runtime, models, micro_batch)
@@ -203,7 +203,7 @@ def _train(config: TrainConfig, runtime: Runtime, micro_batch: int, manager: Che
 def main(argv=None) -> int:
     try:
         config, launcher_local_rank = parse_config(argv)
-        runtime = setup_runtime(config.backend, config.device, config.allow_tf32, config.dist_timeout,
+        runtime = setup_runtime(config.distributed, config.device, config.allow_tf32, config.dist_timeout,
                                 launcher_local_rank, cudnn_benchmark=True)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

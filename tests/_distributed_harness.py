@@ -61,7 +61,7 @@ TIMEOUT = datetime.timedelta(seconds=60)
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    backend: str                   # "ddp" or "deepspeed"
+    distributed: str               # "ddp" or "deepspeed"
     template: Optional[str]        # configs/deepspeed/*.json
     precision: str = "fp32"
     accumulation: int = 1
@@ -105,7 +105,7 @@ def build_models(seed: int = 0):
     sit.pos_embed.requires_grad_(True)  # before any wrapper collects the trainable parameters
     vae = AutoencoderKL(embed_dim=4, ch_mult=(1, 2, 2, 2), ch=32, num_res_blocks=1, resolution=32)
     loss_fn = VAERegularizationLoss(VAELossConfig())
-    return {"sit": sit, "vae": vae, "disc": loss_fn}, ema
+    return {"sit": sit, "vae": vae, "vae_loss": loss_fn}, ema
 
 
 def global_batches(count: int, batch: int = WORLD * PER_RANK, seed: int = 1234):
@@ -181,12 +181,12 @@ def ds_config(template: str, precision: str) -> dict:
 
 def make_backend(kind, template, precision, accumulation, models):
     if kind == "single":
-        for name in ("sit", "disc"):
+        for name in ("sit", "vae_loss"):
             for module in models[name].modules():
                 if type(module) is nn.BatchNorm2d:
                     module.__class__ = SplitBatchNorm2d  # same parameters and buffers
     else:
-        for name in ("sit", "disc"):  # global BN: the SiT latent BN, the discriminator's BNs
+        for name in ("sit", "vae_loss"):  # global BN: the SiT latent BN, the discriminator's BNs
             convert_to_global_batchnorm(models[name])
     return build.make_backend(kind, models, {name: OPTIMIZER for name in models}, precision, accumulation,
                               ds_config=ds_config(template, precision) if kind == "deepspeed" else None,
@@ -208,7 +208,7 @@ def snapshot(backend, ema) -> dict:
     def copy_state(module):
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
     return {"sit": copy_state(backend.unwrap("sit")), "vae": copy_state(backend.unwrap("vae")),
-            "disc": copy_state(backend.unwrap("disc").discriminator), "ema": copy_state(ema)}
+            "vae_loss": copy_state(backend.unwrap("vae_loss").discriminator), "ema": copy_state(ema)}
 
 
 def optimizer_states(backend) -> dict:
@@ -254,8 +254,8 @@ def distributed_run(name, base_models, base_ema, rank, world, out):
     if name == "ds_zero3":
         return stage3_run(base_models, base_ema)
     run = RUNS[name]
-    backend, _, record = train(run, copy.deepcopy(base_models), copy.deepcopy(base_ema), rank, world, run.backend)
-    if run.backend == "deepspeed":
+    backend, _, record = train(run, copy.deepcopy(base_models), copy.deepcopy(base_ema), rank, world, run.distributed)
+    if run.distributed == "deepspeed":
         record["optimizer_kinds"] = dict(backend.optimizer_kinds)
         record["was_step_applied"] = {n: bool(e.was_step_applied()) for n, e in backend.models.items()}
     return record
@@ -392,7 +392,7 @@ def summarise(name: str, reference: Optional[dict], got: dict) -> dict:
     if RUNS[name].precision != "fp32":
         entry["step0_log_rel_error"] = compare_logs(reference["logs"][:1], got["logs"][:1])
         entry["changed"] = {k: max_diff(params_only(reference["start"][k]), params_only(got["weights"][k]))
-                            for k in ("sit", "vae", "disc")}
+                            for k in ("sit", "vae", "vae_loss")}
         entry["all_losses_finite"] = all(math.isfinite(v) for logs in got["logs"] for k, v in logs.items()
                                          if not k.startswith("grad_norm"))
         return entry

@@ -1,7 +1,7 @@
 """Test-only fault injection from the outside: the trainer and the step have no fault hook.
 
 ``LossFault(loss, steps, count).install(backend)`` makes one loss of a REPA-E step ("vae_loss",
-"d_loss" or "sit_loss") NaN: it wraps what the step calls, ``backend.models["disc"]`` (the
+"d_loss" or "sit_loss") NaN: it wraps what the step calls, ``backend.models["vae_loss"]`` (the
 VAE-loss module: "generator" mode gives vae_loss, "discriminator" mode d_loss) and, for
 sit_loss, ``backend.models["sit"]`` (its denoising loss). Checkpoints read the unwrapped
 modules (``backend.unwrap``), so they are unchanged. With ``steps`` the fault fires at most
@@ -34,7 +34,7 @@ class LossFault:
         self.step = None  # the global step of the step being run
 
     def install(self, backend):
-        backend.models["disc"] = _PoisonedLossModule(backend.models["disc"], self)
+        backend.models["vae_loss"] = _PoisonedLossModule(backend.models["vae_loss"], self)
         backend.models["sit"] = _PoisonedSiT(backend.models["sit"], self)
         return backend
 

@@ -102,7 +102,7 @@ def payload_bytes(name, args, kwargs) -> int:
 
 
 def trainable_counts(backend) -> dict:
-    counts = {"sit": backend.unwrap("sit"), "vae": backend.unwrap("vae"), "disc": backend.unwrap("disc")}
+    counts = {"sit": backend.unwrap("sit"), "vae": backend.unwrap("vae"), "vae_loss": backend.unwrap("vae_loss")}
     return {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in counts.items()}
 
 
@@ -113,8 +113,8 @@ def counted_run(name, base_models, base_ema, rank, world, counter, out):
         return harness.resume_run(base_models, base_ema, rank, world, out), None
     run = harness.RUNS[name]
     models, ema = copy.deepcopy(base_models), copy.deepcopy(base_ema)
-    backend = harness.make_backend(run.backend, run.template, run.precision, run.accumulation, models)
-    if run.backend == "ddp":
+    backend = harness.make_backend(run.distributed, run.template, run.precision, run.accumulation, models)
+    if run.distributed == "ddp":
         for module in backend.models.values():
             if isinstance(module, torch.nn.parallel.DistributedDataParallel):
                 module.register_comm_hook(dist.group.WORLD, counter.ddp_hook)
@@ -130,8 +130,8 @@ def counted_run(name, base_models, base_ema, rank, world, counter, out):
             counter.on = False
 
     counter.on = True
-    _, _, record = harness.train(run, models, ema, rank, world, run.backend, backend=backend, on_step=stop_counting)
-    if run.backend == "deepspeed":
+    _, _, record = harness.train(run, models, ema, rank, world, run.distributed, backend=backend, on_step=stop_counting)
+    if run.distributed == "deepspeed":
         record["optimizer_kinds"] = dict(backend.optimizer_kinds)
     counts = {"bytes": dict(counter.bytes), "calls": dict(counter.calls), "steps": run.micro_batches,
               "trainable": trainable_counts(backend)}

@@ -16,7 +16,7 @@ TINY = [
     "--model-overrides", '{"depth": 2, "hidden_size": 32, "num_heads": 2, "projector_dim": 32}',
     "--encoder-depth", "1", "--vae", "f8d4", "--vae-ch", "32", "--vae-ckpt", "none",
     "--enc-type", "dinov2-vit-s", "--allow-random-encoder", "--allow-random-lpips",
-    "--batch-size", "4", "--mixed-precision", "no", "--num-workers", "0", "--data-backend", "torch",
+    "--batch-size", "4", "--mixed-precision", "no", "--num-workers", "0", "--data-loader", "torch",
     "--sampling-steps", "1000", "--sample-num-steps", "2", "--sample-grid-size", "4", "--learning-rate", "0.001",
 ]
 
@@ -63,7 +63,7 @@ def cache_demo_latents(output):
     cached = subprocess.run(
         [sys.executable, "-m", "repa_e_fast.cache_latents", "--data-dir", str(ensure_demo_dataset()), "--output",
          str(output), "--vae", "f8d4", "--vae-ch", "32", "--allow-random-vae", "--resolution", "32",
-         "--batch-size", "64", "--num-workers", "0", "--data-backend", "torch"],
+         "--batch-size", "64", "--num-workers", "0", "--data-loader", "torch"],
         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
     assert cached.returncode == 0, cached.stderr[-3000:]
     return output

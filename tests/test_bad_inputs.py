@@ -35,12 +35,12 @@ from repa_e_fast.train import main as train_main
     ({"report_to": "jsonl,tensorbord"}, "report_to must be a comma list"),
     ({"device": "cuda"}, "CUDA is not available"),
     ({"device": "tpu"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
-    ({"attn_backend": "flash_attn"}, "needs the 'flash_attn' package"),
+    ({"attention": "flash_attn"}, "needs the 'flash_attn' package"),
 ])
 def test_bad_config_values_are_one_clear_line(values, message):
     if "device" in values and values["device"] == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    if values.get("attn_backend") == "flash_attn" and importlib.util.find_spec("flash_attn") is not None:
+    if values.get("attention") == "flash_attn" and importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash_attn is installed here")
     with pytest.raises(ConfigError) as error:
         make_config(values)
@@ -68,6 +68,32 @@ def test_train_cli_exits_2_with_one_line_for_bad_yaml(tmp_path, capsys, content)
     assert train_main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("old, new, value", [
+    ("backend", "distributed", "deepspeed"),
+    ("data_backend", "data_loader", "torch"),
+    ("attn_backend", "attention", "math"),
+])
+def test_renamed_config_keys_and_flags_are_one_line_naming_the_new_name(tmp_path, capsys, old, new, value):
+    with pytest.raises(ConfigError) as error:
+        make_config({old: value})
+    assert str(error.value) == f"config key '{old}' was renamed to '{new}'"
+    config = tmp_path / "old.yaml"
+    config.write_text(f"{old}: {value}\n")
+    assert train_main(["--config", str(config)]) == 2
+    assert capsys.readouterr().err == f"error: config key '{old}' was renamed to '{new}' (in {config})\n"
+    old_flag, new_flag = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+    assert train_main([old_flag, value]) == 2
+    assert capsys.readouterr().err == f"error: flag {old_flag} was renamed to {new_flag}\n"
+    assert make_config({new: value}).to_dict()[new] == value
+
+
+def test_cache_latents_refuses_the_old_data_loader_flag_in_one_line(capsys):
+    from repa_e_fast.cache_latents import main as cache_latents_main
+
+    assert cache_latents_main(["--data-dir", "x", "--output", "y", "--data-backend", "torch"]) == 2
+    assert capsys.readouterr().err == "error: flag --data-backend was renamed to --data-loader\n"
 
 
 # -- image folders ----------------------------------------------------------------------------
@@ -118,9 +144,9 @@ def test_fifo_named_like_an_image_is_skipped_and_counted(tmp_path):
     assert loader.stats["bad_images"] == 1
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_very_wide_image_is_refused_from_its_header(tmp_path, backend):
-    if backend == "dali":
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_very_wide_image_is_refused_from_its_header(tmp_path, kind):
+    if kind == "dali":
         pytest.importorskip("nvidia.dali")
     from PIL import Image
 
@@ -133,7 +159,7 @@ def test_very_wide_image_is_refused_from_its_header(tmp_path, backend):
     with pytest.raises(BadImage, match="6000x2 is too elongated"):
         decode_rgb((root / "c0" / "b.png").read_bytes())
     loader = build_image_loader(root, 3, resolution=32, shuffle=False, num_workers=0, return_indices=True,
-                                backend=backend)
+                                loader=kind)
     (_, _, indices), = list(loader)
     assert indices.tolist() == [0, 2, 2] and loader.stats["bad_images"] == 1
     # A merely wide photograph (4:1) is still used.
@@ -241,7 +267,7 @@ def latent_cache(tmp_path_factory):
     _image_folder(root / "raw", [f"c{i % 2}/{i}.jpg" for i in range(8)])
     assert cache_latents.main(["--data-dir", str(root / "raw"), "--output", str(root / "cache"), "--vae", "f8d4",
                                "--vae-ch", "32", "--allow-random-vae", "--resolution", "32", "--batch-size", "4",
-                               "--num-workers", "0", "--data-backend", "torch"]) == 0
+                               "--num-workers", "0", "--data-loader", "torch"]) == 0
     return root / "cache"
 
 

@@ -71,17 +71,17 @@ def bad_folder(tmp_path_factory):
     return str(root)
 
 
-def _backend(name):
+def _loader_kind(name):
     if name == "dali":
         pytest.importorskip("nvidia.dali")
     return name
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_bad_images_are_converted_or_skipped(bad_folder, backend, caplog):
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_bad_images_are_converted_or_skipped(bad_folder, kind, caplog):
     caplog.set_level(logging.INFO, logger="repa_e_fast.data")
     loader = build_image_loader(bad_folder, 13, resolution=RES, shuffle=False,
-                                backend=_backend(backend), num_workers=1, return_indices=True)
+                                loader=_loader_kind(kind), num_workers=1, return_indices=True)
     assert loader.num_images == 13 and loader.num_classes == 3  # empty folder: no class
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "empty_class" in messages and "loose.jpg" in messages
@@ -95,7 +95,7 @@ def test_bad_images_are_converted_or_skipped(bad_folder, backend, caplog):
             want = reference_crop(os.path.join(bad_folder, FILES[index]))
             diff = np.abs(images[slot].numpy().astype(int) - want.astype(int))
             # torch: PIL exactly; DALI: its own crop of the same (converted) pixels
-            assert diff.max() == 0 if backend == "torch" else diff.mean() < 0.1, FILES[index]
+            assert diff.max() == 0 if kind == "torch" else diff.mean() < 0.1, FILES[index]
 
     stats = loader.stats
     assert stats["bad_images"] == len(BAD)
@@ -103,7 +103,7 @@ def test_bad_images_are_converted_or_skipped(bad_folder, backend, caplog):
     assert stats["small_images"] == 1
     assert stats["skipped_reads"] == 2 * 5  # slot 9 meets two bad files in a row
     assert stats["empty_class_dirs"] == 1
-    if backend == "dali":
+    if kind == "dali":
         # The corrupt PNG passes the header screening and fails inside DALI: that batch
         # is decoded on the CPU instead (each epoch).
         assert stats["cpu_fallback_batches"] == 2

@@ -48,8 +48,8 @@ def test_dali_adm_crop_fidelity(photo_folder):
     pytest.importorskip("nvidia.dali")
     n = len(FIDELITY_SIZES)
     kwargs = dict(resolution=256, shuffle=False, drop_last=False, return_indices=True, num_workers=1)
-    (pil, _, order), = list(build_image_loader(photo_folder, n, backend="torch", **kwargs))
-    dali_loader = build_image_loader(photo_folder, n, backend="dali", **kwargs)
+    (pil, _, order), = list(build_image_loader(photo_folder, n, loader="torch", **kwargs))
+    dali_loader = build_image_loader(photo_folder, n, loader="dali", **kwargs)
     (dali, _, order_dali), = list(dali_loader)
     assert dali_loader._halving_stages == 3  # grown from 1 for the 2048+ px images
     assert order.tolist() == order_dali.tolist()
@@ -76,8 +76,8 @@ def test_dali_grows_its_halving_stages(tmp_path):
     for i, (w, h) in enumerate(sizes):
         natural_image(w, h, seed=200 + i).save(tmp_path / f"c{i % 2}" / f"{i}.jpg", quality=90)
     kwargs = dict(resolution=res, shuffle=False, num_workers=1)
-    pil = [b[0] for b in build_image_loader(tmp_path, 1, backend="torch", **kwargs)]
-    loader = build_image_loader(tmp_path, 1, backend="dali", **kwargs)
+    pil = [b[0] for b in build_image_loader(tmp_path, 1, loader="torch", **kwargs)]
+    loader = build_image_loader(tmp_path, 1, loader="dali", **kwargs)
     dali = [b[0] for b in loader]
     assert loader._halving_stages == 4 and loader.stats["cpu_fallback_batches"] == 0
     error = np.mean([np.abs(a.numpy().astype(int) - b.numpy().astype(int)).mean() for a, b in zip(pil, dali)])

@@ -48,7 +48,7 @@ def _source(datasets, name):
     return datasets[name]
 
 
-def _backend(name):
+def _loader_kind(name):
     if name == "dali":
         pytest.importorskip("nvidia.dali")
     return name
@@ -57,14 +57,14 @@ def _backend(name):
 SOURCES = ["folder", "h5", "prepared", "prepared_jpeg"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("kind", ["torch", "dali"])
 @pytest.mark.parametrize("source", SOURCES)
-def test_every_source_and_loader(datasets, references, source, backend):
+def test_every_source_and_loader(datasets, references, source, kind):
     path = _source(datasets, source)
-    loader = build_image_loader(path, 4, resolution=RES, backend=_backend(backend),
-                                num_workers=0 if backend == "torch" else 1, seed=3,
+    loader = build_image_loader(path, 4, resolution=RES, loader=_loader_kind(kind),
+                                num_workers=0 if kind == "torch" else 1, seed=3,
                                 return_indices=True)
-    assert loader.backend == backend
+    assert loader.kind == kind
     assert (loader.num_images, loader.num_classes, len(loader)) == (12, 3, 3)
     batches = collect(loader)
     assert len(batches) == 3 and loader.epoch == 1
@@ -80,7 +80,7 @@ def test_every_source_and_loader(datasets, references, source, backend):
         diff = np.abs(images.numpy().astype(int) - want.astype(int))
         if source == "prepared_jpeg":
             assert diff.mean() < 3.0  # JPEG q95 4:4:4 of a 32 px crop
-        elif backend == "torch" or source != "folder":
+        elif kind == "torch" or source != "folder":
             # PIL everywhere, or lossless PNGs of the PIL crop decoded by DALI: exact.
             assert diff.max() == 0
         else:
@@ -160,10 +160,10 @@ def test_file_order_indices_for_latent_caching(datasets):
     assert torch.cat([b[2] for b in batches]).tolist() == list(range(12))
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_resume_in_a_new_loader(datasets, backend):
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_resume_in_a_new_loader(datasets, kind):
     path = datasets["folder"]
-    kwargs = dict(resolution=RES, seed=11, backend=_backend(backend), num_workers=1, hflip=True,
+    kwargs = dict(resolution=RES, seed=11, loader=_loader_kind(kind), num_workers=1, hflip=True,
                   return_indices=True)
     reference = collect(build_image_loader(path, 3, **kwargs), epochs=2)  # 4 batches/epoch
     for stop_after in (2, 5):  # mid-epoch, and mid-epoch after an epoch boundary
@@ -230,9 +230,9 @@ def test_workers_give_the_same_batches(datasets):
     assert all(torch.equal(x, y) for p, q in zip(a, b) for x, y in zip(p, q))
 
 
-def test_auto_backend_is_torch_on_cpu(datasets):
-    loader = build_image_loader(datasets["folder"], 4, resolution=RES, backend="auto", num_workers=0)
-    assert loader.backend == "torch"
+def test_auto_loader_is_torch_on_cpu(datasets):
+    loader = build_image_loader(datasets["folder"], 4, resolution=RES, loader="auto", num_workers=0)
+    assert loader.kind == "torch"
 
 
 def test_missing_empty_and_wrong_datasets(tmp_path, datasets):

@@ -58,7 +58,7 @@ def run_result(results, name):
 def assert_matches_single_process(entry):
     assert entry["faults"] == entry["reference_faults"]
     assert entry["non_finite_norms"] == entry["reference_non_finite_norms"]
-    for model in ("sit", "vae", "disc"):
+    for model in ("sit", "vae", "vae_loss"):
         assert entry["max_error"][model] <= WEIGHT_ATOL, (model, entry["max_error"])
     assert entry["max_error"]["ema"] <= EMA_ATOL, entry["max_error"]
     assert max(entry["log_rel_error"].values()) <= LOG_RTOL, entry["log_rel_error"]
@@ -79,8 +79,8 @@ def test_ddp_two_ranks_match_one_process_with_the_global_batch(results):
 def test_deepspeed_two_ranks_match_one_process_with_the_global_batch(results, name):
     entry = run_result(results, name)
     assert entry["faults"] == [None, None, None]  # 3 REPA-E steps, none skipped, no hang
-    assert entry["was_step_applied"] == {"sit": True, "vae": True, "disc": True}
-    assert entry["optimizer_kinds"] == {"sit": "torch.AdamW", "vae": "torch.AdamW", "disc": "torch.AdamW"}
+    assert entry["was_step_applied"] == {"sit": True, "vae": True, "vae_loss": True}
+    assert entry["optimizer_kinds"] == {"sit": "torch.AdamW", "vae": "torch.AdamW", "vae_loss": "torch.AdamW"}
     # also checks optimizer_state_dicts(): torch AdamW layout and values of the reference's optimizers
     assert_matches_single_process(entry)
 
@@ -88,7 +88,7 @@ def test_deepspeed_two_ranks_match_one_process_with_the_global_batch(results, na
 @needs_deepspeed
 def test_deepspeed_gradient_accumulation_matches_one_process(results):
     entry = run_result(results, "ds_zero2_accum")  # 2 windows of 2 micro-batches
-    for model in ("sit", "vae", "disc"):
+    for model in ("sit", "vae", "vae_loss"):
         assert entry["window1_max_error"][model] <= 4 * WEIGHT_ATOL, entry["window1_max_error"]
     # The second window is chaotic in this tiny GAN (a 1e-7 relative change of the initial
     # weights moves grad_norm_vae there by 4e-4, in the single-process run too); a miscounted
@@ -104,7 +104,7 @@ def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(results, name):
     assert entry["faults"] == [None, "sit_loss", None]
     assert entry["skip_weight_change"] == 0.0 and entry["skip_optimizer_change"] == 0.0
     # (global_steps, skipped_steps, micro_steps) after the skipped step: DeepSpeed's own counters agree
-    assert entry["counters"] == {name: [2, 1, 2] for name in ("sit", "vae", "disc")}
+    assert entry["counters"] == {name: [2, 1, 2] for name in ("sit", "vae", "vae_loss")}
     # the dropped gradients never reach a later update: the run still equals one process that skipped too
     assert_matches_single_process(entry)
 
@@ -115,10 +115,10 @@ def test_nan_loss_inside_an_accumulation_window_drops_the_accumulated_gradients(
     entry = run_result(results, name)  # accumulation 2; sit_loss NaN on rank 1 at micro-step 0
     assert entry["faults"] == entry["reference_faults"] == ["sit_loss", None, None, None]
     assert entry["skip_weight_change"] == 0.0 and entry["skip_optimizer_change"] == 0.0
-    assert entry["counters"] == {name: [0, 0, 1] for name in ("sit", "vae", "disc")}  # no step, one micro-step
+    assert entry["counters"] == {name: [0, 0, 1] for name in ("sit", "vae", "vae_loss")}  # no step, one micro-step
     # Window 1 then updates with micro-step 1's gradients only, as the single process does
     # (ZeRO-2 keeping micro-step 0's partial sums moves these by 2e-4 and the logs by 66%).
-    for model in ("sit", "vae", "disc"):
+    for model in ("sit", "vae", "vae_loss"):
         assert entry["window1_max_error"][model] <= 4 * WEIGHT_ATOL, entry["window1_max_error"]
     assert max(entry["log_rel_error"].values()) <= 2e-3, entry["log_rel_error"]
 
@@ -129,8 +129,8 @@ def test_save_at_k_load_into_fresh_engines_continue_to_2k_equals_uninterrupted(r
     assert max(entry["max_error"].values()) <= 1e-7, entry["max_error"]  # measured: bitwise equal
     assert entry["optimizer_max_error"] <= 1e-7 and entry["loaded_optimizer_max_error"] == 0.0
     assert max(entry["log_max_error"].values()) <= 1e-7
-    assert entry["counters"] == {name: [6, 6] for name in ("sit", "vae", "disc")}
-    for name in ("sit", "vae", "disc"):
+    assert entry["counters"] == {name: [6, 6] for name in ("sit", "vae", "vae_loss")}
+    for name in ("sit", "vae", "vae_loss"):
         assert f"{name}/mp_rank_00_model_states.pt" in entry["files"]
         assert {f"{name}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)} <= set(entry["files"])
     assert "backend.pt" in entry["files"]

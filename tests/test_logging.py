@@ -57,7 +57,7 @@ def test_no_fused_attn_uses_the_explicit_formula(monkeypatch):
     fused = SiT(**kwargs)
     explicit = SiT(**kwargs, fused_attn=False)
     explicit.load_state_dict(fused.state_dict())
-    assert {b.attn.backend for b in fused.blocks} == {"sdpa"} and {b.attn.backend for b in explicit.blocks} == {"math"}
+    assert {b.attn.kernel for b in fused.blocks} == {"sdpa"} and {b.attn.kernel for b in explicit.blocks} == {"math"}
     x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([0, 3])
     with torch.no_grad():
         for p in fused.parameters():
@@ -70,5 +70,5 @@ def test_no_fused_attn_uses_the_explicit_formula(monkeypatch):
         output = explicit.inference(x, t, y)
     assert calls == []  # no fused kernel was called
     torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="conflicts with attn_backend='xformers'"):
-        SiT(**kwargs, fused_attn=False, attn_backend="xformers")
+    with pytest.raises(ValueError, match="conflicts with attention='xformers'"):
+        SiT(**kwargs, fused_attn=False, attention="xformers")

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from repa_e_fast.models.attention import check_attention_backend
+from repa_e_fast.models.attention import check_attention_kernel
 from repa_e_fast.models.encoders import (DinoVisionTransformer, load_encoders, parse_enc_type,
                                          preprocess_raw_image, resample_pos_embed)
 from repa_e_fast.models.lpips import LPIPS, vgg16_to_lpips_keys
@@ -74,14 +74,14 @@ def test_spec_test_vectors():
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_attention_backends_agree(qk_norm):
     torch.manual_seed(0)
-    sdpa = tiny_sit(qk_norm=qk_norm, attn_backend="sdpa").eval()
-    math_backend = tiny_sit(qk_norm=qk_norm, attn_backend="math").eval()
+    sdpa = tiny_sit(qk_norm=qk_norm, attention="sdpa").eval()
+    math_kernel = tiny_sit(qk_norm=qk_norm, attention="math").eval()
     with torch.no_grad():
         for p in sdpa.parameters():
             p.normal_(0, 0.3)
-    math_backend.load_state_dict(sdpa.state_dict())
+    math_kernel.load_state_dict(sdpa.state_dict())
     x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
-    assert torch.allclose(sdpa.inference(x, t, y), math_backend.inference(x, t, y), atol=1e-5)
+    assert torch.allclose(sdpa.inference(x, t, y), math_kernel.inference(x, t, y), atol=1e-5)
     if qk_norm:
         assert "blocks.0.attn.q_norm.weight" in sdpa.state_dict()
 
@@ -98,15 +98,15 @@ def test_one_switch_sets_every_fast_path_and_attention_kernel():
     assert len(switches) == 2 + len(sit.blocks)  # the SiT, its blocks and its final layer
     assert set_fast_path(sit, fused_ops=True, attention="math") is sit
     assert all(m.fused_ops for m in switches)
-    assert {m.backend for m in sit.modules() if isinstance(m, Attention)} == {"math"}
+    assert {m.kernel for m in sit.modules() if isinstance(m, Attention)} == {"math"}
     sit.set_fused_ops(False)  # the attention kernel is left as it is
     assert not any(m.fused_ops for m in switches)
-    assert {m.backend for m in sit.modules() if isinstance(m, Attention)} == {"math"}
+    assert {m.kernel for m in sit.modules() if isinstance(m, Attention)} == {"math"}
     assert torch.allclose(sit.inference(x, t, y), sdpa_out, atol=1e-5)
-    with pytest.raises(ValueError, match="attn_backend must be one of"):
+    with pytest.raises(ValueError, match="attention must be one of"):
         set_fast_path(sit, attention="fast")
     # fused_attn=False is honoured (the explicit formula), an unknown argument refused
-    assert {m.backend for m in tiny_sit(fused_attn=False).modules() if isinstance(m, Attention)} == {"math"}
+    assert {m.kernel for m in tiny_sit(fused_attn=False).modules() if isinstance(m, Attention)} == {"math"}
     with pytest.raises(TypeError, match="fused_atn"):
         tiny_sit(fused_atn=False)
 
@@ -114,12 +114,12 @@ def test_one_switch_sets_every_fast_path_and_attention_kernel():
 def test_missing_attention_package_is_a_clear_error():
     import importlib.util
 
-    for backend in ("flash_attn", "xformers"):
-        if importlib.util.find_spec(backend) is None:
+    for kernel in ("flash_attn", "xformers"):
+        if importlib.util.find_spec(kernel) is None:
             with pytest.raises(ValueError, match="not installed"):
-                check_attention_backend(backend)
-    with pytest.raises(ValueError, match="attn_backend must be one of"):
-        tiny_sit(attn_backend="fast")
+                check_attention_kernel(kernel)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        tiny_sit(attention="fast")
 
 
 def test_init_bn_and_latent_stats_round_trip():

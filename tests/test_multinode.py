@@ -203,7 +203,7 @@ def check_bytes_against_model(strategy, counts):
 # -- the trainer across two nodes: resume, and a lost node ----------------------------------------
 def trainer_on_both(nodes, directory, name, port, *extra):
     def command(rank):
-        return train_command(directory, "--backend", "ddp", "--checkpointing-steps", 2, "--log-every", 1,
+        return train_command(directory, "--distributed", "ddp", "--checkpointing-steps", 2, "--log-every", 1,
                              "--dist-timeout", DIST_TIMEOUT, *extra,
                              launcher=[*torchrun(rank, port), "repa_e_fast/train.py"])
     return [start(node, command(rank), directory / f"{name}_node{rank}.log") for rank, node in enumerate(nodes)]

@@ -83,7 +83,7 @@ def test_injected_nan_skips_the_step_for_every_model():
     step, backend = tiny_setup()
     images, labels, zs = batch()
     step(images, labels, 0, zs=zs)
-    before = {name: copy.deepcopy(backend.unwrap(name).state_dict()) for name in ("sit", "vae", "disc")}
+    before = {name: copy.deepcopy(backend.unwrap(name).state_dict()) for name in ("sit", "vae", "vae_loss")}
     optim_before = {name: copy.deepcopy(o.state_dict()) for name, o in backend.optimizers.items()}
     ema_before = copy.deepcopy(step.ema.state_dict())
     fault = LossFault(None)
@@ -92,7 +92,7 @@ def test_injected_nan_skips_the_step_for_every_model():
         fault.loss = loss
         step(images, labels, 1, zs=zs)
         assert step.last_fault == loss
-        for name in ("sit", "vae", "disc"):
+        for name in ("sit", "vae", "vae_loss"):
             for key, value in backend.unwrap(name).state_dict().items():
                 if "running" in key or "num_batches" in key:
                     continue  # BN statistics of forward passes that ran before the fault

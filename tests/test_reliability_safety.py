@@ -129,7 +129,7 @@ def test_generate_extract_vae_cache_latents_and_evaluate_refuse_files_that_run_c
         "extract_vae": ["repa_e_fast.extract_vae", "--ckpt", evil, "--name", "x", "--save-dir", tmp_path / "v"],
         "cache_latents": ["repa_e_fast.cache_latents", "--data-dir", tmp_path / "images", "--output", tmp_path / "c",
                           "--vae", "f8d4", "--vae-ch", 32, "--vae-ckpt", evil, "--resolution", 32,
-                          "--num-workers", 0, "--data-backend", "torch"],
+                          "--num-workers", 0, "--data-loader", "torch"],
         "evaluate": ["repa_e_fast.evaluate", "--ref", tmp_path / "samples.npz", "--samples", tmp_path / "samples.npz",
                      "--inception", evil],
     }
@@ -141,7 +141,7 @@ def test_generate_extract_vae_cache_latents_and_evaluate_refuse_files_that_run_c
 
 def test_deepspeed_resume_refuses_an_engine_file_that_runs_code(tmp_path):
     pytest.importorskip("deepspeed")
-    deepspeed = ("--backend", "deepspeed", "--zero-stage", 1)
+    deepspeed = ("--distributed", "deepspeed", "--zero-stage", 1)
     assert run_train(tmp_path, "--max-train-steps", 1, "--checkpointing-steps", 1, *deepspeed).returncode == 0
     directory = checkpoint_dir(tmp_path, 1)
     target = directory / "deepspeed" / "sit" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -156,6 +156,42 @@ def test_deepspeed_resume_refuses_an_engine_file_that_runs_code(tmp_path):
     result = run_train(tmp_path, "--max-train-steps", 2, "--resume", "auto", *deepspeed)
     _one_line_refusal(result, "refusing to load", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     assert not marker.exists()
+
+
+def _as_written_before_the_renames(checkpoint: Path, step: int) -> None:
+    """A fresh checkpoint made as an older version wrote it: the VAE-loss module's DeepSpeed
+    engine under deepspeed/disc/, the saved config with the keys backend, data_backend and
+    attn_backend."""
+    (checkpoint / "deepspeed" / "vae_loss").rename(checkpoint / "deepspeed" / "disc")
+    trainer = safe_torch_load(checkpoint / "trainer.pt")
+    old = {"distributed": "backend", "data_loader": "data_backend", "attention": "attn_backend"}
+    trainer["config"] = {old.get(key, key): value for key, value in trainer["config"].items()}
+    assert {"backend", "data_backend", "attn_backend"} <= set(trainer["config"])
+    torch.save(trainer, checkpoint / "trainer.pt")
+    write_manifest(checkpoint, step)
+
+
+def test_a_checkpoint_written_before_the_renames_resumes_exactly(tmp_path):
+    pytest.importorskip("deepspeed")
+    from _train_helpers import assert_same_weights, load_official
+
+    deepspeed = ("--distributed", "deepspeed", "--zero-stage", 1)
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    assert run_train(straight, "--max-train-steps", 2, "--checkpointing-steps", 2, *deepspeed).returncode == 0
+    assert run_train(old, "--max-train-steps", 1, "--checkpointing-steps", 1, *deepspeed).returncode == 0
+    _as_written_before_the_renames(checkpoint_dir(old, 1), 1)
+    resumed = run_train(old, "--max-train-steps", 2, "--checkpointing-steps", 2, "--resume", "auto", *deepspeed)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert (checkpoint_dir(old, 2) / "deepspeed" / "vae_loss").is_dir()  # written under the new name
+    a, b = load_official(straight, 2), load_official(old, 2)
+    assert_same_weights(a, b)
+    for key in ("opt", "opt_vae", "opt_disc"):
+        assert a[key]["state"].keys() == b[key]["state"].keys() and a[key]["state"]
+        for index, state in a[key]["state"].items():
+            assert torch.equal(state["exp_avg_sq"], b[key]["state"][index]["exp_avg_sq"])
+    last = json.loads((old / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and "grad_norm_disc" in last  # the official log name stays
 
 
 # ---------------------------------------------------------------------------------------

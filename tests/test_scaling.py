@@ -13,7 +13,7 @@ from _paths import REPO
 sys.path.insert(0, f"{REPO}/benchmarks")
 import scaling  # noqa: E402
 
-COUNTS = {"sit": 1000, "vae": 200, "disc": 50}
+COUNTS = {"sit": 1000, "vae": 200, "vae_loss": 50}
 S = 4 * 1250
 
 
@@ -61,7 +61,7 @@ def test_projection_hides_what_fits_under_the_backward_and_exposes_the_rest(monk
     for key in ("latency_intra_us", "latency_inter_us"):
         monkeypatch.setitem(scaling.ASSUMPTIONS, key, 0.0)
     monkeypatch.setitem(scaling.ASSUMPTIONS, "nvlink_bus_GBps", 1e12)  # NVLink: free
-    counts = {"sit": 10**9, "vae": 0, "disc": 0}  # one model: 4 GB of gradients
+    counts = {"sit": 10**9, "vae": 0, "vae_loss": 0}  # one model: 4 GB of gradients
     times = scaling.StepTimes(batch=32, step=1.0, sit=0.6, source="test")  # SiT backward 0.4 s
     monkeypatch.setitem(scaling.ASSUMPTIONS, "ddp_bucket_bytes", 4e9)  # one bucket: nothing overlaps
     p = scaling.project("ddp", counts, times, 16, 8, "net", 100.0)
@@ -109,7 +109,7 @@ def report(tmp_path_factory):
 
 def test_xl2_counts_from_the_real_modules(report):
     counts = report["trainable"]  # the figures: SiT 683 M, VAE 84 M, discriminator 2.8 M
-    assert abs(counts["sit"] - 683e6) < 1e6 and abs(counts["vae"] - 84e6) < 1e6 and abs(counts["disc"] - 2.8e6) < 1e5
+    assert abs(counts["sit"] - 683e6) < 1e6 and abs(counts["vae"] - 84e6) < 1e6 and abs(counts["vae_loss"] - 2.8e6) < 1e5
 
 
 def test_report_rows_and_the_zero3_decision(report):

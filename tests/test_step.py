@@ -24,8 +24,8 @@ def tiny_setup(precision="fp32", accumulation=1, lecam=0.0, seed=0):
     ema = copy.deepcopy(sit).requires_grad_(False)
     vae = AutoencoderKL(embed_dim=4, ch_mult=(1, 2, 2, 2), ch=32, num_res_blocks=1, resolution=32)
     loss_fn = VAERegularizationLoss(VAELossConfig(lecam_regularization_weight=lecam))
-    optimizers = {"sit": build_adamw(sit), "vae": build_adamw(vae), "disc": build_adamw(loss_fn)}
-    backend = SingleProcessBackend({"sit": sit, "vae": vae, "disc": loss_fn}, optimizers, precision, accumulation)
+    optimizers = {"sit": build_adamw(sit), "vae": build_adamw(vae), "vae_loss": build_adamw(loss_fn)}
+    backend = SingleProcessBackend({"sit": sit, "vae": vae, "vae_loss": loss_fn}, optimizers, precision, accumulation)
     return REPAEStep(backend, ema), backend
 
 
@@ -37,7 +37,7 @@ def batch(seed=1, size=2):
 
 def test_step_logs_the_official_values_and_updates_everything():
     step, backend = tiny_setup()
-    sit, vae, loss_fn = (backend.models[k] for k in ("sit", "vae", "disc"))
+    sit, vae, loss_fn = (backend.models[k] for k in ("sit", "vae", "vae_loss"))
     before = {k: copy.deepcopy(m.state_dict()) for k, m in backend.models.items()}
     ema_before = copy.deepcopy(step.ema.state_dict())
     images, labels, zs = batch()
@@ -51,8 +51,8 @@ def test_step_logs_the_official_values_and_updates_everything():
     changed = lambda name, key: not torch.equal(backend.models[name].state_dict()[key], before[name][key])  # noqa: E731
     assert changed("sit", "pos_embed")  # trained in REPA-E (docs/numerics.md#pos_embed-is-trained)
     assert changed("vae", "encoder.conv_in.weight") and changed("vae", "decoder.conv_out.weight")
-    assert changed("disc", "discriminator.main.0.weight")
-    assert not changed("disc", "perceptual_loss.lpips.lin0.model.1.weight") and not changed("disc", "logvar")
+    assert changed("vae_loss", "discriminator.main.0.weight")
+    assert not changed("vae_loss", "perceptual_loss.lpips.lin0.model.1.weight") and not changed("vae_loss", "logvar")
     assert sit.bn.num_batches_tracked.item() == 1  # only pass (C) updates the latent BN
     assert loss_fn.discriminator.main[3].num_batches_tracked.item() == 3  # fake (A), real + fake (B)
     ema_now = step.ema.state_dict()
@@ -117,7 +117,7 @@ def test_lecam_buffers_move_and_wrong_inputs_fail():
     step, backend = tiny_setup(lecam=0.001)
     images, labels, zs = batch()
     logs = step(images, labels, 0, zs=zs)
-    assert logs["lecam_loss"] > 0 and backend.models["disc"].ema_real_logits_mean.abs().item() > 0
+    assert logs["lecam_loss"] > 0 and backend.models["vae_loss"].ema_real_logits_mean.abs().item() > 0
     with pytest.raises(TypeError, match="uint8"):
         step(images.float(), labels, 1, zs=zs)
 

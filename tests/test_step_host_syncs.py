@@ -85,12 +85,12 @@ def test_a_nan_latent_changes_no_weight_state_or_buffer():
     vae = backend.unwrap("vae")
     with torch.no_grad():
         vae.quant_conv.bias[0] = float("nan")
-    state = {name: copy.deepcopy(backend.unwrap(name).state_dict()) for name in ("sit", "vae", "disc")}
+    state = {name: copy.deepcopy(backend.unwrap(name).state_dict()) for name in ("sit", "vae", "vae_loss")}
     optimizers = {name: copy.deepcopy(o.state_dict()) for name, o in backend.optimizers.items()}
     ema = copy.deepcopy(step.ema.state_dict())
     step(images, labels, 1, zs=zs)
     assert step.last_fault is not None and "vae_loss" in step.last_fault
-    for name in ("sit", "vae", "disc"):
+    for name in ("sit", "vae", "vae_loss"):
         for key, value in backend.unwrap(name).state_dict().items():
             assert torch.equal(value, state[name][key]) or (value.isnan() == state[name][key].isnan()).all(), key
         assert all(p.grad is None for p in backend.unwrap(name).parameters())
@@ -121,7 +121,7 @@ def test_fp16_overflow_skips_that_optimizer_only_and_backs_the_scale_off():
     assert backend.scaler.get_scale() == scale * 0.5 and backend.scaler.clean_updates == 2
     steps = {name: {float(s["step"]) for s in o.state_dict()["state"].values()}
              for name, o in backend.optimizers.items()}
-    assert steps["vae"] == steps_before["vae"] and steps["disc"] == {2.0} and steps["sit"] == {2.0}
+    assert steps["vae"] == steps_before["vae"] and steps["vae_loss"] == {2.0} and steps["sit"] == {2.0}
 
 
 # -- lever 7: EMA and clipping as multi-tensor operations --------------------------------------

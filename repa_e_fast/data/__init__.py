@@ -1,7 +1,7 @@
 """Data layer: image loaders (DALI on the GPU, PyTorch fallback), dataset tools, demo data.
 
 Importable without the optional dependencies: DALI (``nvidia-dali-cuda120``) is only
-imported for ``backend="dali"``/``"auto"`` on CUDA and h5py only for the official
+imported for ``loader="dali"``/``"auto"`` on CUDA and h5py only for the official
 images.h5 layout.
 """
 

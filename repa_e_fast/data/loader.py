@@ -42,7 +42,7 @@ class ImageLoaderBase(OrderCursor):
     events)`` for this epoch's batches ``start, start+1, ...`` (tensors on the device).
     """
 
-    backend = "base"
+    kind = "base"  # which loader: "dali" or "torch"
 
     def __init__(self, source, order: SampleOrder, *, resolution: int, device: torch.device,
                  hflip: bool, return_indices: bool):
@@ -173,16 +173,16 @@ class ImageLoaderBase(OrderCursor):
 
 def build_image_loader(path, batch_size: int, *, resolution: int = 256, rank: int = 0,
                        world_size: int = 1, seed: int = 0,
-                       device: Optional[torch.device] = torch.device("cpu"), backend: str = "auto",
+                       device: Optional[torch.device] = torch.device("cpu"), loader: str = "auto",
                        num_workers: int = 2, shuffle: bool = True, drop_last: bool = True,
                        hflip: bool = False, return_indices: bool = False):
     """An image loader for ``path`` (raw folder, official images.h5, or prepared shards).
 
-    ``backend``: ``"dali"``, ``"torch"``, or ``"auto"`` (DALI when it is installed and
+    ``loader``: ``"dali"``, ``"torch"``, or ``"auto"`` (DALI when it is installed and
     ``device`` is CUDA, else torch). See the module docstring for the output contract.
     """
-    if backend not in ("auto", "dali", "torch"):
-        raise ValueError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
+    if loader not in ("auto", "dali", "torch"):
+        raise ValueError(f"loader must be 'auto', 'dali' or 'torch', got {loader!r}")
     for name, value in (("batch_size", batch_size), ("world_size", world_size), ("resolution", resolution)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -201,10 +201,10 @@ def build_image_loader(path, batch_size: int, *, resolution: int = 256, rank: in
             f"dataset '{os.fspath(path)}' has {source.num_images} images: not one full batch of "
             f"{batch_size} x {world_size} ranks (drop_last={drop_last})"
         )
-    if backend == "auto":
-        backend = "dali" if device.type == "cuda" and dali_available() else "torch"
+    if loader == "auto":
+        loader = "dali" if device.type == "cuda" and dali_available() else "torch"
     common = dict(resolution=resolution, device=device, hflip=hflip, return_indices=return_indices)
-    if backend == "dali":
+    if loader == "dali":
         from .loader_dali import DaliImageLoader  # noqa: PLC0415 (optional dependency)
 
         return DaliImageLoader(source, order, num_threads=max(1, num_workers), **common)

@@ -60,7 +60,7 @@ try:
 except ImportError:
     raise ImportError(
         "the DALI loader needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
-        "(or use backend='torch')"
+        "(or use loader='torch')"
     ) from None
 
 __all__ = ["DaliImageLoader"]
@@ -214,7 +214,7 @@ class _Feeder:
 
 
 class DaliImageLoader(ImageLoaderBase):
-    backend = "dali"
+    kind = "dali"
 
     def __init__(self, source, order, *, num_threads: int = 2, resolution: int, device,
                  hflip: bool, return_indices: bool, prefetch: int = 2):

@@ -64,7 +64,7 @@ class _CursorSampler(torch.utils.data.Sampler):
 
 
 class TorchImageLoader(ImageLoaderBase):
-    backend = "torch"
+    kind = "torch"
 
     def __init__(self, source, order, *, num_workers: int = 2, resolution: int, device,
                  hflip: bool, return_indices: bool):

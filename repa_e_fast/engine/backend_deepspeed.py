@@ -1,7 +1,7 @@
 """DeepSpeed backend: the step's backend interface (``backends.py``) on DeepSpeed engines.
 
 One engine each for the SiT ("sit"), the VAE ("vae") and the VAE-loss module that owns the
-discriminator ("disc"), DeepSpeed's documented pattern for a generator/discriminator pair.
+discriminator ("vae_loss"), DeepSpeed's documented pattern for a generator/discriminator pair.
 ZeRO stages 0, 1 and 2; stage 3 is refused (see ``_STAGE3_REASON``).
 
 Precision. The weights, gradients and Adam states stay fp32 (the official policy,
@@ -55,6 +55,11 @@ _STAGE3_REASON = (
     "calls (deepspeed.zero.GatheredParameters), which gives back most of stage 3's saving for the "
     "SiT. Use stage 2: it shards gradients and optimizer states (12 of the 16 bytes per "
     "parameter of fp32 AdamW training).")
+
+
+# Engine folders under a checkpoint's deepspeed/ named before a rename: checkpoints written
+# before the VAE-loss module's key became "vae_loss" hold its engine under "disc".
+_OLD_TAGS = {"vae_loss": "disc"}
 
 
 def _safe_deepspeed_load(path, map_location=None):
@@ -400,7 +405,8 @@ class DeepSpeedBackend:
             # DeepSpeed's own reader unpickles with weights_only=False: route every file it
             # reads through the allow-listed loader, so no checkpoint file can run code.
             engine.checkpoint_engine.load = _safe_deepspeed_load
-            path, _ = engine.load_checkpoint(str(directory), tag=name, load_module_strict=True,
+            tag = name if (directory / name).is_dir() else _OLD_TAGS.get(name, name)
+            path, _ = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
                                              load_optimizer_states=True, load_lr_scheduler_states=False)
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint for {name!r} under {directory}")

@@ -1,6 +1,6 @@
 """Training backends: the small interface the step is written against.
 
-Per model name ("sit", "vae", "disc") the step calls:
+Per model name ("sit", "vae", "vae_loss") the step calls:
 
   backward(name, loss)              scale (fp16) and accumulate gradients
   clip_grad_norm(name, max_norm)    on a synchronising micro-step: unscale, clip, return the

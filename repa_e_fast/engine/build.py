@@ -3,7 +3,7 @@
 ``make_backend`` is the one place a backend is assembled from models and optimizer settings;
 the trainer (``build_backend``), parity, the benchmarks and the distributed test harness all
 call it. ``build_models`` is the model set of a training run: the SiT and its EMA, the VAE,
-the VAE-loss module under ``"disc"`` (LPIPS and discriminator) and the frozen encoders.
+the VAE-loss module under ``"vae_loss"`` (LPIPS and discriminator) and the frozen encoders.
 """
 
 import copy
@@ -40,7 +40,7 @@ def build_loader(config: TrainConfig, runtime: Runtime, micro_batch: int):
     path = ensure_demo_dataset() if config.demo_dataset else config.data_dir
     loader = build_image_loader(path, micro_batch, resolution=config.resolution, rank=runtime.rank,
                                 world_size=runtime.world_size, seed=config.seed, device=runtime.device,
-                                backend=config.data_backend, num_workers=config.num_workers, shuffle=True,
+                                loader=config.data_loader, num_workers=config.num_workers, shuffle=True,
                                 drop_last=True, hflip=config.hflip)
     if loader.num_classes > config.num_classes:
         raise ConfigError(f"the dataset at {path} has {loader.num_classes} classes but num_classes is "
@@ -52,7 +52,7 @@ def build_loader(config: TrainConfig, runtime: Runtime, micro_batch: int):
 
 
 def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, object]:
-    """``{"encoders", "ema", "sit", "vae"}`` plus ``"disc"`` (the VAE-loss module) in REPA-E
+    """``{"encoders", "ema", "sit", "vae"}`` plus ``"vae_loss"`` (the VAE-loss module) in REPA-E
     mode, on the runtime's device, initialised as the official trainer does."""
     from repa_e_fast.losses.vae_loss import VAELossConfig, VAERegularizationLoss
     from repa_e_fast.models.checkpoints import load_latents_stats, load_weights
@@ -119,7 +119,7 @@ def build_models(config: TrainConfig, runtime: Runtime) -> Dict[str, object]:
         if config.sync_discriminator_bn:
             convert_to_global_batchnorm(loss_fn.discriminator)
     update_ema(ema, sit, decay=0.0)  # exact copy, BN statistics included (step 13)
-    models = {"sit": sit, "vae": vae, "disc": loss_fn}
+    models = {"sit": sit, "vae": vae, "vae_loss": loss_fn}
     for name, module in models.items():
         module.to(device)
     ema.to(device)
@@ -159,12 +159,12 @@ def build_backend(config: TrainConfig, runtime: Runtime, models: Dict[str, nn.Mo
                   micro_batch: int) -> TrainingBackend:
     """The runtime's backend over the models the config trains (the SiT; in REPA-E mode also
     the VAE and the loss module), with the configured AdamW settings."""
-    trainable = {k: models[k] for k in (("sit",) if config.train_mode == "ldm" else ("sit", "vae", "disc"))}
+    trainable = {k: models[k] for k in (("sit",) if config.train_mode == "ldm" else ("sit", "vae", "vae_loss"))}
     lrs = config.learning_rates()
     adam = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                 weight_decay=config.adam_weight_decay)
     ds_config = None
-    if runtime.backend == "deepspeed":
+    if runtime.distributed == "deepspeed":
         from .backend_deepspeed import load_deepspeed_config
 
         template = config.deepspeed_config or str(DEEPSPEED_TEMPLATES / DEFAULT_DEEPSPEED_TEMPLATE[config.precision])
@@ -173,7 +173,7 @@ def build_backend(config: TrainConfig, runtime: Runtime, models: Dict[str, nn.Mo
                                           max_grad_norm=config.max_grad_norm, world_size=runtime.world_size)
         if config.zero_stage is not None:
             ds_config.setdefault("zero_optimization", {})["stage"] = config.zero_stage
-    return make_backend(runtime.backend, trainable, {k: dict(lr=lrs[k], **adam) for k in trainable},
+    return make_backend(runtime.distributed, trainable, {k: dict(lr=lrs[k], **adam) for k in trainable},
                         precision=config.precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
                         device=runtime.device, fused_adam=runtime.device.type == "cuda", ds_config=ds_config,
                         micro_batch_size=micro_batch, max_grad_norm=config.max_grad_norm)

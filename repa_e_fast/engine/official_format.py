@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, with_renamed_keys
 from ..models.checkpoints import (CheckpointError, load_state_dict_strict, safe_torch_load,
                                   strip_wrapper_prefixes)
 from ..models.vae import AutoencoderKL, build_vae
@@ -39,7 +39,7 @@ RESUME_APPLIED = ("learning_rate", "vae_learning_rate", "disc_learning_rate", "l
 RESUME_FREE = ("output_dir", "exp_name", "resume", "resume_step", "init_from", "overwrite",
                "data_dir", "latents_path", "pretrained_dir", "vae_ckpt", "encoder_ckpts", "lpips_vgg16_ckpt",
                "lpips_lin_ckpt", "disc_pretrained_ckpt", "loss_cfg_path", "deepspeed_config", "num_workers",
-               "data_backend", "device", "backend", "fused_ops", "fused_attn", "attn_backend", "channels_last",
+               "data_loader", "device", "distributed", "fused_ops", "fused_attn", "attention", "channels_last",
                "compile", "allow_tf32", "allow_random_encoder", "allow_random_lpips", "grad_checkpointing",
                "continue_train_exp_dir", "logging_dir", "wandb_history_path", "vae_latents_name")
 
@@ -61,19 +61,19 @@ def official_payload(config: TrainConfig, models, backend: TrainingBackend, prog
     payload = {"model": backend.unwrap("sit").state_dict(), "ema": models["ema"].state_dict()}
     if config.train_mode == "repae":
         payload.update(vae=backend.unwrap("vae").state_dict(),
-                       discriminator=backend.unwrap("disc").discriminator.state_dict())
+                       discriminator=backend.unwrap("vae_loss").discriminator.state_dict())
     payload.update(args=config.official_args(), steps=progress.step)
     optimizers = backend.optimizer_state_dicts()
     payload["opt"] = optimizers["sit"]
     if config.train_mode == "repae":
-        payload.update(opt_vae=optimizers["vae"], opt_disc=optimizers["disc"])
+        payload.update(opt_vae=optimizers["vae"], opt_disc=optimizers["vae_loss"])
     return payload
 
 
 def save_checkpoint(manager: CheckpointManager, config: TrainConfig, runtime: Runtime, models,
                     backend: TrainingBackend, loader, progress: Progress) -> Path:
     """Collective: every rank calls it; rank 0 writes official.pt and trainer.pt."""
-    deepspeed = runtime.backend == "deepspeed"  # its engines keep their counters in deepspeed/
+    deepspeed = runtime.distributed == "deepspeed"  # its engines keep their counters in deepspeed/
 
     def write(directory: Path) -> None:
         if deepspeed:
@@ -83,7 +83,7 @@ def save_checkpoint(manager: CheckpointManager, config: TrainConfig, runtime: Ru
         if runtime.is_main:
             torch.save(payload, directory / "official.pt")
             loss_state = {} if config.train_mode == "ldm" else {
-                k: v for k, v in backend.unwrap("disc").state_dict().items()
+                k: v for k, v in backend.unwrap("vae_loss").state_dict().items()
                 if not k.startswith(("perceptual_loss.", "discriminator."))}
             torch.save({"format": 1, "progress": vars(progress), "loader": loader.state_dict(),
                         "loss_module": loss_state, "backend": {} if deepspeed else backend.state_dict(),
@@ -140,15 +140,15 @@ def read_resume_state(path: Path, runtime: Runtime) -> ResumeState:
 def check_resumed_config(config: TrainConfig, resumed: ResumeState, runtime: Runtime) -> None:
     """Refuse a resume that changes what the run computes (one line naming every change);
     log the changes that are applied (learning rates, logging, cadence)."""
-    saved, new = resumed.trainer.get("config", {}), config.to_dict()
+    saved, new = with_renamed_keys(resumed.trainer.get("config", {})), config.to_dict()
     changed = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v}
     refused = [f"{k} {old!r} -> {value!r}" for k, (old, value) in changed.items()
                if k not in RESUME_APPLIED and k not in RESUME_FREE]
     if resumed.trainer.get("world_size", runtime.world_size) != runtime.world_size:
         refused.append(f"world_size {resumed.trainer['world_size']} -> {runtime.world_size}")
     saved_deepspeed = (resumed.path / "deepspeed").is_dir()
-    if saved_deepspeed != (runtime.backend == "deepspeed"):
-        refused.append(f"backend {'deepspeed' if saved_deepspeed else 'single/ddp'} -> {runtime.backend}")
+    if saved_deepspeed != (runtime.distributed == "deepspeed"):
+        refused.append(f"distributed {'deepspeed' if saved_deepspeed else 'single/ddp'} -> {runtime.distributed}")
     if refused:
         raise ConfigError(f"cannot resume {resumed.path} with a changed {'; '.join(refused)} (these define the "
                           f"run: resume without changing them, or start a new run)")
@@ -165,11 +165,11 @@ def load_checkpoint(resumed: ResumeState, config: TrainConfig, runtime: Runtime,
     names = {"sit": "opt"}
     if config.train_mode == "repae":
         load_state_dict_strict(backend.unwrap("vae"), official["vae"], f"VAE from {path}")
-        load_state_dict_strict(backend.unwrap("disc").discriminator, official["discriminator"],
+        load_state_dict_strict(backend.unwrap("vae_loss").discriminator, official["discriminator"],
                                f"discriminator from {path}")
-        backend.unwrap("disc").load_state_dict(trainer["loss_module"], strict=False)
-        names.update(vae="opt_vae", disc="opt_disc")
-    if runtime.backend == "deepspeed":
+        backend.unwrap("vae_loss").load_state_dict(trainer["loss_module"], strict=False)
+        names.update(vae="opt_vae", vae_loss="opt_disc")
+    if runtime.distributed == "deepspeed":
         backend.load_checkpoint(path / "deepspeed")
     else:
         backend.load_optimizer_state_dicts({k: official[v] for k, v in names.items()})
@@ -194,7 +194,7 @@ def init_from_official(path: str, config: TrainConfig, runtime: Runtime, models,
     parts = {"sit": ("model", "opt", backend.unwrap("sit"))}
     if config.train_mode == "repae":
         parts.update(vae=("vae", "opt_vae", backend.unwrap("vae")),
-                     disc=("discriminator", "opt_disc", backend.unwrap("disc").discriminator))
+                     vae_loss=("discriminator", "opt_disc", backend.unwrap("vae_loss").discriminator))
     missing = [key for key in ["ema"] + [weights for weights, _, _ in parts.values()] if key not in full]
     if missing:
         hint = " (an LDM-only checkpoint starts only --train-mode ldm)" if "vae" in missing else ""
@@ -221,9 +221,9 @@ def read_checkpoint(path: str) -> Dict:
     verify_enclosing_checkpoint(path)
     try:
         checkpoint = safe_torch_load(path, mmap=True)  # the allow-list covers the official "args"
+    except CheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        if isinstance(error, CheckpointError):
-            raise
         raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a training-checkpoint dict")

@@ -23,7 +23,7 @@ from ..config import ConfigError
 
 @dataclass
 class Runtime:
-    backend: str  # "single", "ddp" or "deepspeed": what trains the models on this process group
+    distributed: str  # "single", "ddp" or "deepspeed": how the models are trained on this process group
     rank: int
     world_size: int
     local_rank: int
@@ -41,17 +41,17 @@ def launcher_name(launcher_local_rank: Optional[int]) -> Optional[str]:
     return "deepspeed" if launcher_local_rank is not None else None
 
 
-def setup_runtime(backend: str = "auto", device: Optional[str] = None, allow_tf32: Optional[bool] = None,
+def setup_runtime(distributed: str = "auto", device: Optional[str] = None, allow_tf32: Optional[bool] = None,
                   dist_timeout: Optional[float] = None, launcher_local_rank: Optional[int] = None,
                   cudnn_benchmark: bool = False) -> Runtime:
-    """Start the process group and pick the device. ``backend`` "auto": deepspeed under the
+    """Start the process group and pick the device. ``distributed`` "auto": deepspeed under the
     deepspeed launcher, ddp when WORLD_SIZE > 1, else single. ``allow_tf32`` None leaves torch's
     TF32 settings alone; ``dist_timeout`` None keeps torch's default collective timeout."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if backend == "auto":
-        backend = "deepspeed" if launcher_local_rank is not None else ("ddp" if world_size > 1 else "single")
-    if backend == "single" and world_size > 1:
-        raise ConfigError(f"backend single cannot run {world_size} processes; use ddp (torchrun) or deepspeed")
+    if distributed == "auto":
+        distributed = "deepspeed" if launcher_local_rank is not None else ("ddp" if world_size > 1 else "single")
+    if distributed == "single" and world_size > 1:
+        raise ConfigError(f"distributed single cannot run {world_size} processes; use ddp (torchrun) or deepspeed")
     local_rank = int(os.environ.get("LOCAL_RANK", launcher_local_rank or 0))
     if device:
         device = torch.device(device)
@@ -70,14 +70,14 @@ def setup_runtime(backend: str = "auto", device: Optional[str] = None, allow_tf3
             torch.backends.cudnn.benchmark = True
     comm = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=dist_timeout) if dist_timeout is not None else None
-    if backend == "deepspeed":
+    if distributed == "deepspeed":
         for key, value in (("RANK", "0"), ("LOCAL_RANK", str(local_rank)), ("WORLD_SIZE", "1"),
                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
             os.environ.setdefault(key, value)
         try:
             import deepspeed
         except ImportError:
-            raise ConfigError("backend deepspeed needs DeepSpeed: pip install 'repa_e_fast[deepspeed]'") from None
+            raise ConfigError("distributed deepspeed needs DeepSpeed: pip install 'repa_e_fast[deepspeed]'") from None
         if device.type == "cpu":
             # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce meant for
             # inference (~100 s on 2 cores) when communication starts; training never uses it.
@@ -85,11 +85,11 @@ def setup_runtime(backend: str = "auto", device: Optional[str] = None, allow_tf3
 
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=comm, **({"timeout": timeout} if timeout else {}))
-    elif backend == "ddp":
+    elif distributed == "ddp":
         dist.init_process_group(comm, timeout=timeout)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    return Runtime(backend, rank, world_size, local_rank, device)
+    return Runtime(distributed, rank, world_size, local_rank, device)
 
 
 def seed_everything(seed: int) -> None:

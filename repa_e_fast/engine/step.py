@@ -65,6 +65,12 @@ def encoder_targets(encoders: Sequence[nn.Module], images: torch.Tensor) -> List
         return [encoder(images) for encoder in encoders]
 
 
+def grad_norm_key(name: str) -> str:
+    """The log key of a model's gradient norm: the official trainer's names, which call the
+    VAE-loss module's (its trainable part is the discriminator) ``grad_norm_disc``."""
+    return "grad_norm_disc" if name == "vae_loss" else f"grad_norm_{name}"
+
+
 class _TrainingStep:
     """What both steps share: the SiT loss pass, fault handling and the update of their
     models (``MODELS``, backend keys) at the end of a step.
@@ -126,18 +132,18 @@ class _TrainingStep:
                  if backend.sync_step else {})
         bad_losses, bad_norms = self._resolve(norms)
         if not bad_losses:  # the norms of a bad loss's gradients are not logged
-            logs.update({f"grad_norm_{name}": norm.detach() for name, norm in norms.items() if norm is not None})
+            logs.update({grad_norm_key(name): norm.detach() for name, norm in norms.items() if norm is not None})
         if bad_losses:
             self._give_up(bad_losses)
         elif getattr(backend, "checks_grad_norm", True) and any(bad_norms.values()):
-            self._give_up([f"grad_norm_{name}" for name, bad in bad_norms.items() if bad])
+            self._give_up([grad_norm_key(name) for name, bad in bad_norms.items() if bad])
         elif backend.sync_step:
             for name in names:
                 backend.step(name, overflow=bad_norms.get(name, False))
                 if norms[name] is None:
                     norm = backend.grad_norm_after_step(name)
                     if norm is not None:
-                        logs[f"grad_norm_{name}"] = norm.detach()
+                        logs[grad_norm_key(name)] = norm.detach()
             update_ema(self.ema, backend.unwrap("sit"), config.ema_decay)
         backend.end_micro_step()
 
@@ -150,7 +156,7 @@ class _TrainingStep:
         gradient norm is non-finite. Every rank gets the same answer (``any_rank``)."""
         for name, norm in norms.items():
             if norm is not None:
-                self._watch(f"grad_norm_{name}", norm)
+                self._watch(grad_norm_key(name), norm)
         flags = self.backend.any_rank(torch.stack([flag for _, flag in self._flags]).float())
         if flags.device.type == "meta" or is_fake(flags):
             values = [0.0] * len(self._flags)  # shape-only runs (FLOP / memory counting) have no values
@@ -158,7 +164,7 @@ class _TrainingStep:
             values = flags.tolist()
         bad = {name: value != 0.0 for (name, _), value in zip(self._flags, values)}
         losses = [name for name, value in bad.items() if value and not name.startswith("grad_norm_")]
-        return losses, {name: bad[f"grad_norm_{name}"] for name, norm in norms.items() if norm is not None}
+        return losses, {name: bad[grad_norm_key(name)] for name, norm in norms.items() if norm is not None}
 
     def _give_up(self, fault: Sequence[str]) -> None:
         # Every model drops the gradients of its window, on every rank (the flags were
@@ -173,10 +179,10 @@ class _TrainingStep:
 
 class REPAEStep(_TrainingStep):
     """Callable training step. Models are reached through ``backend.models`` (keys "sit",
-    "vae", "disc" where "disc" is the whole VAE-loss module) so that wrapped models (DDP,
-    DeepSpeed engines) work unchanged; ``ema`` is a plain SiT copy."""
+    "vae" and "vae_loss", the VAE-loss module: LPIPS and the discriminator) so that wrapped
+    models (DDP, DeepSpeed engines) work unchanged; ``ema`` is a plain SiT copy."""
 
-    MODELS = ("vae", "disc", "sit")
+    MODELS = ("vae", "vae_loss", "sit")
 
     def __init__(self, backend, ema: nn.Module, config: StepConfig = StepConfig(), encoders: Sequence[nn.Module] = ()):
         super().__init__(backend, ema, config, encoders)
@@ -241,8 +247,8 @@ class REPAEStep(_TrainingStep):
         through z); backward into the VAE. The align pass draws t and the noise unless given."""
         backend, config = self.backend, self.config
         backend.models["sit"].eval()
-        generator_loss, loss_dict = backend.models["disc"](vae_out["processed_image"], vae_out["recon_image"],
-                                                           vae_out["posterior"], global_step, "generator")
+        generator_loss, loss_dict = backend.models["vae_loss"](vae_out["processed_image"], vae_out["recon_image"],
+                                                               vae_out["posterior"], global_step, "generator")
         with backend.autocast():
             align = frozen_call(backend.unwrap("sit"), vae_out["z"], labels, zs, path_type=config.path_type,
                                 weighting=config.weighting, align_only=True, time_input=time_input, noises=noises,
@@ -258,11 +264,12 @@ class REPAEStep(_TrainingStep):
     def discriminator_backward(self, vae_out: Dict, global_step: int, logs: Dict) -> Dict:
         """(B) The discriminator's hinge loss on the real images and the DETACHED
         reconstruction; backward into the VAE-loss module."""
-        d_loss, d_loss_dict = self.backend.models["disc"](vae_out["processed_image"], vae_out["recon_image"].detach(),
-                                                          vae_out["posterior"], global_step, "discriminator")
+        d_loss, d_loss_dict = self.backend.models["vae_loss"](vae_out["processed_image"],
+                                                              vae_out["recon_image"].detach(),
+                                                              vae_out["posterior"], global_step, "discriminator")
         logs.update(d_loss=d_loss.detach(), **{k: v.detach() for k, v in d_loss_dict.items() if k != "discriminator_loss"})
         self._watch("d_loss", d_loss)
-        self.backend.backward("disc", d_loss)
+        self.backend.backward("vae_loss", d_loss)
         return {"d_loss": d_loss.detach(), "d_loss_dict": d_loss_dict}
 
 

@@ -205,11 +205,11 @@ def preprocess_raw_image(images: torch.Tensor, encoder_type: str, resolution: in
 # Building and loading
 # ----------------------------------------------------------------------------------------
 def build_backbone(family: str, embed_dim: int, depth: int, num_heads: int, grid: int, ffn: str = "mlp",
-                   num_register_tokens: int = 0, attn_backend: str = "sdpa") -> VisionTransformer:
+                   num_register_tokens: int = 0, attention: str = "sdpa") -> VisionTransformer:
     """One family's ViT with the given sizes; ``grid`` = the stored position grid."""
     patch = PATCH_SIZES[family]
     if family == "dinov2":
-        return DinoVisionTransformer(embed_dim, depth, num_heads, ffn, patch, num_register_tokens, grid, attn_backend)
+        return DinoVisionTransformer(embed_dim, depth, num_heads, ffn, patch, num_register_tokens, grid, attention)
     options = {
         "mocov3": {},
         "mae": {"target_final_norm": False},  # norm.* loaded, not applied (docs/numerics.md#encoder-targets)
@@ -219,20 +219,20 @@ def build_backbone(family: str, embed_dim: int, depth: int, num_heads: int, grid
         "clip": {"activation": "quick_gelu", "norm_eps": 1e-5, "patch_bias": False, "pre_norm": True,
                  "target_final_norm": False},
     }[family]
-    return VisionTransformer(embed_dim, depth, num_heads, patch, grid, attn_backend=attn_backend, **options)
+    return VisionTransformer(embed_dim, depth, num_heads, patch, grid, attention=attention, **options)
 
 
-def build_encoder_backbone(spec: EncoderSpec, grid: int = 16, attn_backend: str = "sdpa") -> VisionTransformer:
+def build_encoder_backbone(spec: EncoderSpec, grid: int = 16, attention: str = "sdpa") -> VisionTransformer:
     """The full-size backbone of ``spec`` (random weights)."""
     if spec.family == "dinov2":
-        return build_dinov2(spec, grid, attn_backend)
+        return build_dinov2(spec, grid, attention)
     dim, depth, heads = FAMILY_ARCHS[spec.family][spec.config]
-    return build_backbone(spec.family, dim, depth, heads, grid, attn_backend=attn_backend)
+    return build_backbone(spec.family, dim, depth, heads, grid, attention=attention)
 
 
-def build_dinov2(spec: EncoderSpec, grid: int = 37, attn_backend: str = "sdpa") -> DinoVisionTransformer:
+def build_dinov2(spec: EncoderSpec, grid: int = 37, attention: str = "sdpa") -> DinoVisionTransformer:
     dim, depth, heads, ffn = DINOV2_ARCHS[spec.config]
-    return DinoVisionTransformer(dim, depth, heads, ffn, 14, spec.registers, grid, attn_backend)
+    return DinoVisionTransformer(dim, depth, heads, ffn, 14, spec.registers, grid, attention)
 
 
 def _stored_grid(model: VisionTransformer) -> int:
@@ -272,7 +272,7 @@ def load_encoders(
     pretrained_dir: str = "pretrained",
     allow_random: bool = False,
     device: Optional[torch.device] = None,
-    attn_backend: str = "sdpa",
+    attention: str = "sdpa",
 ) -> List[RepresentationEncoder]:
     """Build the encoders of ``enc_type`` from LOCAL checkpoints; nothing is downloaded.
 
@@ -297,7 +297,7 @@ def load_encoders(
     grid = resolution // 16  # 16x16 at 256 px, 32x32 at 512 px
     encoders = []
     for spec, path in zip(specs, paths):
-        backbone = build_encoder_backbone(spec, grid=grid, attn_backend=attn_backend)
+        backbone = build_encoder_backbone(spec, grid=grid, attention=attention)
         if os.path.isfile(path):
             load_official_state_dict(backbone, spec.family, read_official_checkpoint(path), f"{spec} encoder ({path})")
         else:

@@ -14,7 +14,7 @@ from typing import Optional, TypeVar
 
 import torch.nn as nn
 
-from .attention import Attention, check_attention_backend
+from .attention import Attention, check_attention_kernel
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -36,10 +36,10 @@ def set_fast_path(model: ModuleT, fused_ops: Optional[bool] = None, attention: O
     :class:`Attention` ("sdpa", "flash_attn", "xformers" or "math", the explicit formula).
     """
     if attention is not None:
-        check_attention_backend(attention)
+        check_attention_kernel(attention)
     for module in model.modules():
         if fused_ops is not None and isinstance(module, FastPath):
             module.fused_ops = bool(fused_ops)
         if attention is not None and isinstance(module, Attention):
-            module.backend = attention
+            module.kernel = attention
     return model

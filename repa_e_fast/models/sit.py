@@ -182,8 +182,8 @@ class SiT(FastPath, nn.Module):
 
     Constructor arguments mirror the official ``models.sit.SiT``. ``fused_attn=False`` (the
     official ``--no-fused-attn``) computes attention with the explicit softmax formula
-    (``attn_backend="math"``) instead of a fused kernel; it cannot be combined with a fused
-    package backend (flash_attn, xformers). ``fused_ops`` and ``attn_backend`` are the
+    (``attention="math"``) instead of a fused kernel; it cannot be combined with a fused
+    package kernel (flash_attn, xformers). ``fused_ops`` and ``attention`` are the
     fast-path switches (``fast_path.set_fast_path``), which can be changed later.
     ``decoder_hidden_size`` must equal ``hidden_size`` (the official default of 768 is what
     breaks the official S configs); leaving it None uses ``hidden_size``.
@@ -207,7 +207,7 @@ class SiT(FastPath, nn.Module):
         bn_momentum: Optional[float] = 0.1,
         qk_norm: bool = False,
         fused_attn: bool = True,
-        attn_backend: str = "sdpa",
+        attention: str = "sdpa",
         fused_ops: bool = False,
     ):
         super().__init__()
@@ -223,10 +223,10 @@ class SiT(FastPath, nn.Module):
         if not z_dims:
             raise ValueError("z_dims must list at least one encoder feature width")
         if not fused_attn:
-            if attn_backend not in ("sdpa", "math"):
+            if attention not in ("sdpa", "math"):
                 raise ValueError(f"fused_attn=False (the explicit attention formula) conflicts with "
-                                 f"attn_backend={attn_backend!r}, a fused kernel")
-            attn_backend = "math"
+                                 f"attention={attention!r}, a fused kernel")
+            attention = "math"
         self.in_channels = in_channels
         self.out_channels = in_channels
         self.patch_size = patch_size
@@ -250,7 +250,7 @@ class SiT(FastPath, nn.Module):
         self.bn = nn.BatchNorm2d(in_channels, eps=1e-4, momentum=bn_momentum, affine=False, track_running_stats=True)
         self.initialize_weights()
         # Fast path: the fused adaLN modulation, gated residual and REPA cosine loss.
-        set_fast_path(self, fused_ops=fused_ops, attention=attn_backend)
+        set_fast_path(self, fused_ops=fused_ops, attention=attention)
 
     # ----------------------------------------------------------------------------------
     # Initialisation and latent statistics

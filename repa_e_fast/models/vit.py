@@ -68,10 +68,10 @@ class Block(nn.Module):
     Without LayerScale ``ls1``/``ls2`` are identities (no state-dict entries)."""
 
     def __init__(self, dim: int, num_heads: int, ffn: str = "mlp", activation: str = "gelu", norm_eps: float = 1e-6,
-                 layer_scale: bool = False, backend: str = "sdpa"):
+                 layer_scale: bool = False, attention: str = "sdpa"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=True, backend=backend)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, kernel=attention)
         self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = SwiGLU(dim) if ffn == "swiglu" else Mlp(dim, 4 * dim, activation)
@@ -136,7 +136,7 @@ class VisionTransformer(nn.Module):
         patch_bias: bool = True,
         pre_norm: bool = False,
         target_final_norm: bool = True,
-        attn_backend: str = "sdpa",
+        attention: str = "sdpa",
     ):
         super().__init__()
         self.embed_dim = embed_dim
@@ -154,7 +154,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, embed_dim, bias=patch_bias)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, ffn, activation, norm_eps, layer_scale, attn_backend) for _ in range(depth)
+            Block(embed_dim, num_heads, ffn, activation, norm_eps, layer_scale, attention) for _ in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Identity()
@@ -220,9 +220,9 @@ class DinoVisionTransformer(VisionTransformer):
     """
 
     def __init__(self, embed_dim: int = 768, depth: int = 12, num_heads: int = 12, ffn: str = "mlp",
-                 patch_size: int = 14, num_register_tokens: int = 0, grid: int = 37, attn_backend: str = "sdpa"):
+                 patch_size: int = 14, num_register_tokens: int = 0, grid: int = 37, attention: str = "sdpa"):
         super().__init__(embed_dim, depth, num_heads, patch_size, grid, ffn=ffn, layer_scale=True,
-                         num_register_tokens=num_register_tokens, mask_token=True, attn_backend=attn_backend)
+                         num_register_tokens=num_register_tokens, mask_token=True, attention=attention)
         self.interpolate_antialias = num_register_tokens > 0
         self.interpolate_offset = 0.0 if num_register_tokens > 0 else 0.1
 
