@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ConfigError, TrainConfig, with_renamed_keys
-from ..models.checkpoints import (CheckpointError, load_state_dict_strict, safe_torch_load,
+from ..models.checkpoints import (CheckpointError, load_state_dict_strict, read_checkpoint_file, safe_torch_load,
                                   strip_wrapper_prefixes)
 from ..models.vae import AutoencoderKL, build_vae
 from .backends import TrainingBackend
@@ -219,12 +219,7 @@ def read_checkpoint(path: str) -> Dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     verify_enclosing_checkpoint(path)
-    try:
-        checkpoint = safe_torch_load(path, mmap=True)  # the allow-list covers the official "args"
-    except CheckpointError:
-        raise
-    except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
+    checkpoint = read_checkpoint_file(path, mmap=True)  # the allow-list covers the official "args"
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a training-checkpoint dict")
     return checkpoint

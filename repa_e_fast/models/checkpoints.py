@@ -81,8 +81,15 @@ def safe_torch_load(path, map_location="cpu", *, mmap: bool = False, extra_globa
         raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {first}") from None
 
 
-# The name models/encoder_checkpoints.py (on main) imports: the same allow-listed load.
-_torch_load = safe_torch_load
+def read_checkpoint_file(path, map_location="cpu", *, mmap: bool = False):
+    """``safe_torch_load`` where any failure to read is a one-line ``CheckpointError`` naming
+    the file (the callers that show errors to users want no traceback)."""
+    try:
+        return safe_torch_load(path, map_location, mmap=mmap)
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - re-raised with the file named
+        raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
 
 
 def load_state_dict_file(path: str, key: Optional[str] = None, map_location="cpu") -> Dict[str, torch.Tensor]:
@@ -98,12 +105,7 @@ def load_state_dict_file(path: str, key: Optional[str] = None, map_location="cpu
 
         state = load_file(path, device=str(map_location))
     else:
-        try:
-            state = safe_torch_load(path, map_location)
-        except CheckpointError:
-            raise
-        except Exception as error:  # noqa: BLE001 - re-raised with the file named
-            raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
+        state = read_checkpoint_file(path, map_location)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict of tensors")
     if key is not None:

@@ -29,7 +29,7 @@ from typing import Dict
 
 import torch
 
-from .checkpoints import CheckpointError, _torch_load
+from .checkpoints import CheckpointError, safe_torch_load
 from .vit import resample_pos_embed
 
 StateDict = Dict[str, torch.Tensor]
@@ -238,6 +238,6 @@ def read_official_checkpoint(path: str):
     if is_torchscript_archive(path):
         return read_torchscript_state_dict(path)
     try:
-        return _torch_load(path, "cpu")
+        return safe_torch_load(path, "cpu")
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
