@@ -1,4 +1,5 @@
-"""adaLN modulation, gated residual and their fused pair: Triton kernels vs float64 reference.
+"""adaLN modulation and its fusion with the gated residual before it: Triton kernels vs float64
+reference (the gated residual alone: tests/test_ops_gated_residual.py).
 
 On a CPU machine the kernels run in the Triton interpreter (tests/conftest.py). Every
 kernel-written buffer is NaN-poisoned first (REPA_E_FAST_POISON), so an element a kernel
@@ -10,46 +11,12 @@ import torch
 
 from repa_e_fast import ops
 from repa_e_fast.ops import _dispatch
-from _ops_helpers import DTYPES, SUBNORMAL_STEP, TOL, needs_triton
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-# (B, T, D): SiT-XL width with few tokens, odd widths. In the interpreter the backward
-# splits each sample's T rows into tiles of up to 64 rows (split_rows, 4 programs wanted):
-# T = 1 one tile; T = 3 and 7 a partial last tile; T = 129 tiles capped at 64 rows, the
-# last one a single row; T = 128 four full tiles. Every row is an interpreted program in
-# the forward, so T stays as small as these cases allow.
-SHAPES = [(2, 1, 1152), (2, 3, 1152), (2, 129, 72), (1, 128, 77), (3, 7, 5)]
-
-
-@pytest.fixture
-def kernel_env(monkeypatch):
-    monkeypatch.setenv("REPA_E_FAST_OPS", "triton")  # never silently fall back to the reference
-    monkeypatch.setenv("REPA_E_FAST_POISON", "1")
-
-
-def close(actual, ref, dtype, what):
-    """|a - r| <= tol * (|r| + max|r|): relative to the tensor's scale."""
-    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype} != {dtype}"
-    assert actual.shape == ref.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
-    tol = TOL[dtype]
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(actual.double(), ref, rtol=tol, atol=tol * scale + SUBNORMAL_STEP[dtype], msg=lambda m: f"{what}: {m}")
-
-
-def rand(gen, *shape, dtype, scale=1.0, offset=0.0):
-    """Random tensor rounded to ``dtype`` on DEVICE, plus its exact float64 copy."""
-    t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
-    return t.to(DEVICE), t.double().to(DEVICE)
-
-
-def leaf(t):
-    return t.clone().requires_grad_(True)
+from _ops_helpers import DTYPES, ROW_SHAPES, close, leaf, needs_triton, rand
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
 def test_adaln_modulate_kernel(kernel_env, shape, dtype):
     B, T, D = shape
     gen = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
@@ -75,30 +42,7 @@ def test_adaln_modulate_kernel(kernel_env, shape, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_gated_residual_kernel(kernel_env, shape, dtype):
-    B, T, D = shape
-    gen = torch.Generator().manual_seed(1 + hash((shape, str(dtype))) % 2**31)
-    x, x64 = rand(gen, B, T, D, dtype=dtype)
-    gate, gate64 = rand(gen, B, D, dtype=dtype)
-    y, y64 = rand(gen, B, T, D, dtype=dtype)
-    dout, dout64 = rand(gen, B, T, D, dtype=dtype)
-
-    a = [leaf(x), leaf(gate), leaf(y)]
-    out = ops.gated_residual(*a)
-    out.backward(dout)
-    r = [leaf(x64), leaf(gate64), leaf(y64)]
-    outr = ops.gated_residual_reference(*r)
-    outr.backward(dout64)
-
-    close(out, outr, dtype, "out")
-    for name, ta, tr in zip(("dx", "dgate", "dy"), a, r):
-        close(ta.grad, tr.grad, dtype, name)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
 def test_gated_residual_adaln_kernel(kernel_env, shape, dtype):
     B, T, D = shape
     gen = torch.Generator().manual_seed(2 + hash((shape, str(dtype))) % 2**31)
@@ -169,12 +113,9 @@ def test_non_contiguous_x_is_copied(kernel_env):
     sc, sc64 = rand(gen, 2, 24, dtype=torch.float32)
     xt, xt64 = x.transpose(1, 2), x64.transpose(1, 2)  # [2, 6, 24], not contiguous
     close(ops.adaln_modulate(xt, sh, sc), ops.adaln_modulate_reference(xt64, sh64, sc64), torch.float32, "y")
-    g, g64 = rand(gen, 2, 24, dtype=torch.float32)
-    y, y64 = rand(gen, 2, 6, 24, dtype=torch.float32)
-    close(ops.gated_residual(xt, g, y), ops.gated_residual_reference(xt64, g64, y64), torch.float32, "out")
 
 
-@pytest.mark.parametrize("fn", ["adaln", "gated", "fused"])
+@pytest.mark.parametrize("fn", ["adaln", "fused"])
 def test_reference_gradcheck(fn, monkeypatch):
     monkeypatch.setenv("REPA_E_FAST_OPS", "torch")
     gen = torch.Generator().manual_seed(10)
@@ -182,8 +123,6 @@ def test_reference_gradcheck(fn, monkeypatch):
     mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_(True)  # noqa: E731
     if fn == "adaln":
         assert torch.autograd.gradcheck(lambda x, a, b: ops.adaln_modulate(x, a, b), (mk(B, T, D), mk(B, D), mk(B, D)))
-    elif fn == "gated":
-        assert torch.autograd.gradcheck(ops.gated_residual, (mk(B, T, D), mk(B, D), mk(B, T, D)))
     else:
         assert torch.autograd.gradcheck(ops.gated_residual_adaln_modulate,
                                         (mk(B, T, D), mk(B, D), mk(B, T, D), mk(B, D), mk(B, D)))
@@ -200,12 +139,6 @@ def test_validation_errors():
         ops.adaln_modulate(x, torch.randn(2, 3, 8), v)
     with pytest.raises(TypeError, match="float32"):
         ops.adaln_modulate(x.long(), v, v)
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        ops.gated_residual(x, [1.0] * 8, x)
-    with pytest.raises(ValueError, match="y must have x's shape"):
-        ops.gated_residual(x, v, torch.randn(2, 4, 8))
-    with pytest.raises(ValueError, match="one device"):
-        ops.gated_residual(x, v.to("meta"), x)
     # [B, 1, D] modulation vectors are accepted (the official SiT unsqueezes them).
     torch.testing.assert_close(ops.adaln_modulate(x, v[:, None], v[:, None]), ops.adaln_modulate(x, v, v))
 
