@@ -1,5 +1,7 @@
 """Definitions shared by the op tests (tests/test_ops_*.py)."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -38,3 +40,14 @@ def rand(gen, *shape, dtype, scale=1.0, offset=0.0):
 
 def leaf(t):
     return t.clone().requires_grad_(True)
+
+
+def case_seed(*key) -> int:
+    """A seed from a test case's parameters, the same in every run (crc32 of their repr:
+    hash() of a str changes from one interpreter to the next)."""
+    return zlib.crc32(repr(key).encode())
+
+
+def case_generator(salt, shape, dtype):
+    """A generator seeded from the test case, so every parametrised case draws its own data."""
+    return torch.Generator().manual_seed(case_seed(salt, shape, str(dtype)))
