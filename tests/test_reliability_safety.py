@@ -18,7 +18,9 @@ import torch
 from _paths import REPO
 from _train_helpers import checkpoint_dir, run_train, train_command, train_env
 from repa_e_fast.engine.checkpoint import CheckpointManager, RunLock, verify_checkpoint, write_manifest
+from repa_e_fast.engine.official_format import read_checkpoint
 from repa_e_fast.models.checkpoints import CheckpointError, load_state_dict_file, safe_torch_load
+from repa_e_fast.models.encoder_checkpoints import read_official_checkpoint
 
 
 class _RunsCode:
@@ -78,8 +80,9 @@ def test_the_crafted_pickle_runs_code_when_loaded_unsafely(tmp_path):
 def test_safe_torch_load_refuses_code_and_reads_our_files(tmp_path, finished_run):
     marker = tmp_path / "ran"
     _write_code_pickle(tmp_path / "evil.pt", marker, model={"w": torch.zeros(2)})
-    for load in (safe_torch_load, load_state_dict_file):
-        with pytest.raises(CheckpointError, match=r"refusing to load .*evil.pt.*unsupported GLOBAL posix.system"):
+    for load in (safe_torch_load, load_state_dict_file, read_checkpoint, read_official_checkpoint):
+        # One line, said once: a reader that wraps the refusal again would not match "^".
+        with pytest.raises(CheckpointError, match=r"^refusing to load .*evil.pt.*unsupported GLOBAL posix.system"):
             load(str(tmp_path / "evil.pt"))
     assert not marker.exists()
     # Everything a checkpoint holds passes the allow-list: argparse.Namespace, numpy RNG state.

@@ -29,7 +29,7 @@ from typing import Dict
 
 import torch
 
-from .checkpoints import CheckpointError, safe_torch_load
+from .checkpoints import CheckpointError, read_checkpoint_file
 from .vit import resample_pos_embed
 
 StateDict = Dict[str, torch.Tensor]
@@ -237,7 +237,4 @@ def read_official_checkpoint(path: str):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if is_torchscript_archive(path):
         return read_torchscript_state_dict(path)
-    try:
-        return safe_torch_load(path, "cpu")
-    except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: {error}") from error
+    return read_checkpoint_file(path, "cpu")
